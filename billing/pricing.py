@@ -50,9 +50,16 @@ FLEX = "flex"
 _ONE = Decimal(1)
 
 
+# OpenAI's ``fast`` (its Fast mode) is its Priority processing asked by another name: a reply to it says
+# ``priority`` (the spec's ServiceTier).
+FAST = "fast"
+
+
 def charged_tier(service_tier: object) -> str:
-    """The tier a request served (or asked) at ``service_tier`` is priced at: ``priority``, ``flex``, or ``""`` for
-    the standard prices (``default``, ``auto``, ``scale``, none, anything else)."""
+    """The tier a request served (or asked) at ``service_tier`` is priced at: ``priority`` (``fast`` too), ``flex``,
+    or ``""`` for the standard prices (``default``, ``auto``, ``scale``, none, anything else)."""
+    if service_tier == FAST:
+        return PRIORITY
     return service_tier if service_tier in (PRIORITY, FLEX) else ""  # type: ignore[return-value]
 
 
@@ -67,7 +74,7 @@ def tier_factor(model: Prices, service_tier: object) -> Decimal:
 # The tiers OpenAI may serve a request at, by the tier it asks: a priority request past its ramp limits is served
 # at default (and billed so), a flex one at flex or default; ``auto`` (or none) is the project's default tier,
 # which its owner may have set to priority or flex; Anthropic's ``standard_only`` is its standard processing.
-_SERVABLE = {PRIORITY: ("", PRIORITY), FLEX: ("", FLEX), "default": ("",), "standard_only": ("",)}
+_SERVABLE = {PRIORITY: ("", PRIORITY), FAST: ("", PRIORITY), FLEX: ("", FLEX), "default": ("",), "standard_only": ("",)}
 
 
 # A message's usage's ``service_tier`` (/v1/messages) as the tier it says the request was served at, in OpenAI's

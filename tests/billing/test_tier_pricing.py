@@ -84,6 +84,7 @@ def test_an_odd_factor_stays_exact():
     ("asked", "reserved"),
     [
         ("priority", "priority"),  # or default, when OpenAI serves it at standard: the dearer of the two
+        ("fast", "priority"),  # OpenAI's Fast mode: its Priority processing by another name
         ("default", ""),
         ("flex", ""),  # flex or default: default is the dearer
         ("auto", "priority"),  # the project's default tier may be priority
@@ -110,6 +111,10 @@ def test_a_reservation_holds_the_dearest_tier_a_request_may_be_charged_at(asked,
         ("default", "priority", ""),
         ("flex", "priority", ""),
         ("standard_only", "priority", ""),
+        # Fast mode is Priority processing, whose reply says priority: charged so, and so when no reply said a tier
+        # (a compatible server's), charged as asked; before, fast alone was charged the standard prices.
+        ("fast", "priority", "priority"),
+        ("fast", "fast", "priority"),
     ],
 )
 def test_a_request_is_billed_no_dearer_than_the_tier_it_was_reserved_at(asked, served, billed):
