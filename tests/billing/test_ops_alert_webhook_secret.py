@@ -13,7 +13,6 @@ from cryptography.fernet import Fernet
 from django.contrib.auth.models import Permission
 from django.core import mail
 from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 from django.test import Client, override_settings
 
 from accounts.roles import Role, role_set
@@ -21,6 +20,7 @@ from billing.models import OpsAlertKind, OpsAlertRule
 from billing.services.ops_alerts import ops_alert_webhook_url
 from billing.tasks import alerts_undelivered_send, ops_alerts_evaluate_task
 from tests.factories import UsageRecordFactory, UserFactory
+from tests.migrating import migrate, migrated_to
 
 CANARY = "XoXoCanaryWebhookPath9f3e"
 URL = f"https://hooks.slack.com/services/T0001/B0002/{CANARY}"
@@ -140,8 +140,7 @@ def test_a_webhook_that_is_no_url_is_refused_without_echoing_it(staff_clients):
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_encrypts_webhooks_already_stored_and_back():
     before, after = [("billing", "0024_daily_usage_scan_mark")], [("billing", "0025_ops_alert_webhook_encrypted")]
-    MigrationExecutor(connection).migrate(before)
-    try:
+    with migrated_to(before):
         with connection.cursor() as cursor:
             cursor.execute("DELETE FROM billing_opsalertrule")
             cursor.execute(
@@ -151,18 +150,15 @@ def test_the_migration_encrypts_webhooks_already_stored_and_back():
                 " ('none', 'latency_p95', true, 10, 5, 20, 1, '', '', '', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
                 [URL],
             )
-        MigrationExecutor(connection).migrate(after)
+        migrate(after)
         # Only the columns of that migration's state: later ones add fields the table does not have yet there.
         rules = OpsAlertRule.objects.only("name", "webhook_url")
         old, none = rules.get(name="old"), rules.get(name="none")
         assert stored(old).startswith("fernet:") and old.webhook_url.reveal() == URL
         assert stored(none) == "" and not none.webhook_url
 
-        MigrationExecutor(connection).migrate(before)
+        migrate(before)
         assert stored(old) == URL and stored(none) == ""
-    finally:
-        executor = MigrationExecutor(connection)
-        executor.migrate(executor.loader.graph.leaf_nodes())
 
 
 # A webhook no key decrypts (written under an encryption key since dropped from FIELD_ENCRYPTION_KEYS) -----------

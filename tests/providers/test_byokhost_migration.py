@@ -4,31 +4,19 @@ stay in use there and are paused only by a later move (docs/byok.md)."""
 from __future__ import annotations
 
 import pytest
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 
 from providers.models import ProviderCredential
 from tests.factories import UserFactory
+from tests.migrating import latest, migrate, migrated_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BEFORE = [("providers", "0019_tasks2_credential_invalid_notice_due")]
 
 
-def migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.migrate(targets)
-    return MigrationExecutor(connection).loader.project_state(targets).apps
-
-
-def latest():
-    return MigrationExecutor(connection).loader.graph.leaf_nodes()
-
-
 def test_stored_keys_are_agreed_for_their_providers_host_of_then():
-    try:
-        owner = UserFactory()
-        apps = migrate(BEFORE)
+    owner = UserFactory()
+    with migrated_to(BEFORE) as apps:
         Provider = apps.get_model("providers", "Provider")
         Credential = apps.get_model("providers", "ProviderCredential")
         proxy = Provider.objects.create(name="proxy", kind="openai", base_url="https://Proxy.example.com:8443/v1")
@@ -43,5 +31,3 @@ def test_stored_keys_are_agreed_for_their_providers_host_of_then():
             ("default", "https://api.openai.com", False),
             ("proxy", "https://proxy.example.com:8443", False),
         ]
-    finally:
-        migrate(latest())

@@ -7,26 +7,13 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
+
+from tests.migrating import latest, migrate, migrated_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BEFORE = [("providers", "0004_more_provider_kinds"), ("billing", "0007_usage_operation")]
 AFTER = [("providers", "0005_catalog_deployments"), ("billing", "0008_usage_deployment_attempts")]
-
-
-def migrate(targets):
-    """Run the migrations to ``targets`` and answer the historical apps there (a fresh executor each time:
-    one keeps the graph it loaded)."""
-    executor = MigrationExecutor(connection)
-    executor.migrate(targets)
-    return MigrationExecutor(connection).loader.project_state(targets).apps
-
-
-def latest():
-    executor = MigrationExecutor(connection)
-    return executor.loader.graph.leaf_nodes()
 
 
 def old_shape_rows(apps) -> dict[str, int]:
@@ -123,8 +110,8 @@ def assert_old_shape(apps, ids: dict[str, int]) -> None:
 
 
 def test_models_become_one_deployment_each_and_references_survive_back_and_forth():
-    try:
-        ids = old_shape_rows(migrate(BEFORE))
+    with migrated_to(BEFORE) as apps:
+        ids = old_shape_rows(apps)
 
         assert_one_deployment_each(migrate(AFTER), ids)
 
@@ -132,7 +119,4 @@ def test_models_become_one_deployment_each_and_references_survive_back_and_forth
         assert_old_shape(migrate(BEFORE), ids)
 
         # And forward again, to the latest state of every app.
-        migrate(latest())
-        assert_one_deployment_each(MigrationExecutor(connection).loader.project_state(latest()).apps, ids)
-    finally:
-        migrate(latest())
+        assert_one_deployment_each(migrate(latest()), ids)

@@ -4,30 +4,19 @@ none, now as disabled deployments with that cap cleared; other rows are left as 
 from __future__ import annotations
 
 import pytest
-from django.db import IntegrityError, connection, transaction
-from django.db.migrations.executor import MigrationExecutor
+from django.db import IntegrityError, transaction
 
 from providers.models import Deployment
 from tests.factories import DeploymentFactory
+from tests.migrating import latest, migrate, migrated_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BEFORE = [("providers", "0009_alert_sweep_indexes")]
 
 
-def migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.migrate(targets)
-    return MigrationExecutor(connection).loader.project_state(targets).apps
-
-
-def latest():
-    return MigrationExecutor(connection).loader.graph.leaf_nodes()
-
-
 def test_a_cap_of_0_becomes_a_disabled_deployment_without_that_cap_and_the_database_refuses_a_new_0():
-    try:
-        apps = migrate(BEFORE)
+    with migrated_to(BEFORE) as apps:
         Provider = apps.get_model("providers", "Provider")
         CatalogModel = apps.get_model("providers", "CatalogModel")
         Rows = apps.get_model("providers", "Deployment")
@@ -58,5 +47,3 @@ def test_a_cap_of_0_becomes_a_disabled_deployment_without_that_cap_and_the_datab
         for cap in ("rpm_limit", "tpm_limit"):
             with pytest.raises(IntegrityError), transaction.atomic():
                 DeploymentFactory(**{cap: 0})
-    finally:
-        migrate(latest())

@@ -12,7 +12,6 @@ from cryptography.fernet import Fernet
 from django.core import serializers
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 from django.test import override_settings
 
 from providers.adapters.common import scrub
@@ -23,6 +22,7 @@ from providers.services.catalog_file import providers_dump
 from providers.services.encryption import provider_rotate_encryption
 from providers.services.health import provider_health_check
 from tests.factories import ModelFactory, ProviderFactory
+from tests.migrating import migrate, migrated_to
 
 pytestmark = pytest.mark.django_db
 
@@ -219,9 +219,7 @@ def test_a_dump_refers_credential_headers_to_the_environment():
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_encrypts_existing_headers_and_reverses():
     before, after = [("providers", "0001_initial")], [("providers", "0002_encrypt_provider_extra_headers")]
-    executor = MigrationExecutor(connection)
-    executor.migrate(before)
-    try:
+    with migrated_to(before):
         with connection.cursor() as cursor:
             for name, headers in (("with-headers", {"X-Upstream-Token": HEADER_TOKEN}), ("without", {})):
                 cursor.execute(
@@ -231,25 +229,15 @@ def test_the_migration_encrypts_existing_headers_and_reverses():
                     [name, json.dumps(headers), True, "2026-01-01 00:00:00+00:00", "2026-01-01 00:00:00+00:00"],
                 )
 
-        executor = MigrationExecutor(connection)
-        executor.loader.build_graph()
-        executor.migrate(after)
-
         # The model as it stands at that migration: later migrations add columns today's model reads.
-        historical = executor.loader.project_state(after).apps.get_model("providers", "Provider")
+        historical = migrate(after).get_model("providers", "Provider")
         encrypted, empty = historical.objects.get(name="with-headers"), historical.objects.get(name="without")
         assert raw_headers(encrypted).startswith(TOKEN_PREFIX) and HEADER_TOKEN not in raw_headers(encrypted)
         assert encrypted.extra_headers["X-Upstream-Token"].reveal() == HEADER_TOKEN
         assert raw_headers(empty) == "" and empty.extra_headers == {}
 
-        executor = MigrationExecutor(connection)
-        executor.loader.build_graph()
-        executor.migrate(before)
+        migrate(before)
         with connection.cursor() as cursor:
             cursor.execute("SELECT name, extra_headers FROM providers_provider ORDER BY name")
             rows = {name: value if isinstance(value, dict) else json.loads(value) for name, value in cursor.fetchall()}
         assert rows == {"with-headers": {"X-Upstream-Token": HEADER_TOKEN}, "without": {}}
-    finally:
-        executor = MigrationExecutor(connection)
-        executor.loader.build_graph()
-        executor.migrate(executor.loader.graph.leaf_nodes())

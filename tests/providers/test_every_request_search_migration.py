@@ -6,29 +6,17 @@ snapshot reads as never on such a provider), and leaves every other row as it wa
 from __future__ import annotations
 
 import pytest
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 
 from providers.models import Deployment
+from tests.migrating import latest, migrate, migrated_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BEFORE = [("providers", "0029_tier_prices_deployment_tier_factors")]
 
 
-def migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.migrate(targets)
-    return MigrationExecutor(connection).loader.project_state(targets).apps
-
-
-def latest():
-    return MigrationExecutor(connection).loader.graph.leaf_nodes()
-
-
 def test_always_is_cleared_on_the_providers_that_count_no_such_search():
-    try:
-        apps = migrate(BEFORE)
+    with migrated_to(BEFORE) as apps:
         Provider = apps.get_model("providers", "Provider")
         CatalogModel = apps.get_model("providers", "CatalogModel")
         Rows = apps.get_model("providers", "Deployment")
@@ -63,5 +51,3 @@ def test_always_is_cleared_on_the_providers_that_count_no_such_search():
             "openai-never": "never",
             "openai-auto": "",
         }
-    finally:
-        migrate(latest())
