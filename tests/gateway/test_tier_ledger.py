@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import anthropic
 import openai
 import pytest
 
@@ -15,6 +16,7 @@ from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
 from providers.models import CatalogModel, Deployment, ProviderKind
 from tests.factories import ProviderFactory
+from tests.gateway.test_cache_write_ledger import anthropic_client
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
 
@@ -44,6 +46,38 @@ def assert_charged(request_id: str, factor: Decimal, tier: str) -> UsageRecord:
     return record
 
 
+def chat_completion(gateway, body: dict, *, stream: bool) -> tuple[str, set[str]]:
+    """A chat completion asked whole or streamed (its usage included): its request id and the tiers its reply
+    says it was served at (each chunk's, streamed)."""
+    client = gateway.client()
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            return response.headers["x-request-id"], {chunk.service_tier for chunk in response.parse()}
+    raw = client.chat.completions.with_raw_response.create(**body)
+    return raw.headers["x-request-id"], {raw.parse().service_tier}
+
+
+def message(gateway, body: dict, *, stream: bool) -> tuple[str, anthropic.types.Usage]:
+    """A /v1/messages request asked whole or streamed: its request id and the usage its reply says."""
+    client = anthropic_client(gateway)
+    if stream:
+        with client.messages.stream(**body) as streamed:
+            usage = streamed.get_final_message().usage
+            return streamed.response.headers["x-request-id"], usage
+    raw = client.messages.with_raw_response.create(**body)
+    return raw.headers["x-request-id"], raw.parse().usage
+
+
+def assert_refused_before_any_upstream_call(gateway, body: dict) -> None:
+    calls = len(gateway.upstream.requests)
+    with pytest.raises(openai.RateLimitError) as refused:
+        gateway.client().chat.completions.create(**body)
+    assert refused.value.code == "insufficient_quota"
+    assert len(gateway.upstream.requests) == calls
+
+
 @pytest.mark.parametrize(
     ("asked", "content", "factor", "tier"),
     [
@@ -61,18 +95,7 @@ def test_a_chat_completion_is_charged_at_the_tier_the_reply_says(priced, asked, 
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": content}]}
     if asked is not None:
         body["service_tier"] = asked
-    client = priced.client()
-    if stream:
-        with client.chat.completions.with_streaming_response.create(
-            **body, stream=True, stream_options={"include_usage": True}
-        ) as response:
-            request_id = response.headers["x-request-id"]
-            chunks = list(response.parse())
-        served = {chunk.service_tier for chunk in chunks}
-    else:
-        raw = client.chat.completions.with_raw_response.create(**body)
-        request_id = raw.headers["x-request-id"]
-        served = {raw.parse().service_tier}
+    request_id, served = chat_completion(priced, body, stream=stream)
     assert served == {tier or "default"}  # what the client reads is what it is charged at
     assert_charged(request_id, factor, tier)
 
@@ -110,16 +133,11 @@ def test_a_budget_that_pays_for_the_standard_price_but_not_priority_refuses_the_
     with $0.0003 left is served at default, and refused one that may be charged priority (asked, or asked auto of
     a project whose default may be priority) before any upstream call, where it was let through to spend past it."""
     api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal("0.0003"))
-    client = priced.client()
     words = " ".join(f"w{i}" for i in range(10))
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": words}], "max_tokens": 100}
-    served = client.chat.completions.create(**body, service_tier="default")
+    served = priced.client().chat.completions.create(**body, service_tier="default")
     assert served.service_tier == "default"
-    calls = len(priced.upstream.requests)
-    with pytest.raises(openai.RateLimitError) as refused:
-        client.chat.completions.create(**body, **({} if asked is None else {"service_tier": asked}))
-    assert refused.value.code == "insufficient_quota"
-    assert len(priced.upstream.requests) == calls
+    assert_refused_before_any_upstream_call(priced, {**body, **({} if asked is None else {"service_tier": asked})})
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -137,16 +155,7 @@ def test_a_request_asked_at_default_and_answered_at_priority_keeps_its_budget(pr
         "max_tokens": 100,
         "service_tier": "default",
     }
-    client = priced.client()
-    if stream:
-        with client.chat.completions.with_streaming_response.create(
-            **body, stream=True, stream_options={"include_usage": True}
-        ) as response:
-            request_id = response.headers["x-request-id"]
-            served = {chunk.service_tier for chunk in response.parse()}
-    else:
-        raw = client.chat.completions.with_raw_response.create(**body)
-        request_id, served = raw.headers["x-request-id"], {raw.parse().service_tier}
+    request_id, served = chat_completion(priced, body, stream=stream)
     assert served == {"priority"}
     record = assert_charged(request_id, Decimal(1), "")
     assert (record.prompt_tokens, record.completion_tokens) == (13, 100)
@@ -180,11 +189,7 @@ def test_a_resumed_stream_is_charged_at_the_tier_of_the_attempt_that_finished_it
         )
     messages = [{"role": "user", "content": "hello there [[words=8]] [[project_tier=priority]]"}]
     if endpoint == "messages":
-        from tests.gateway.test_cache_write_ledger import anthropic_client
-
-        with anthropic_client(gateway).messages.stream(model="tiered", max_tokens=60, messages=messages) as streamed:
-            streamed.get_final_message()
-            request_id = streamed.response.headers["x-request-id"]
+        request_id, _ = message(gateway, {"model": "tiered", "max_tokens": 60, "messages": messages}, stream=True)
     else:
         with gateway.client().chat.completions.with_streaming_response.create(
             model="tiered", messages=messages, stream=True
@@ -196,27 +201,6 @@ def test_a_resumed_stream_is_charged_at_the_tier_of_the_attempt_that_finished_it
     assert (record.status, record.resumed, record.deployment_name) == ("ok", True, "second")
     standard = Decimal(record.prompt_tokens * 1 + record.completion_tokens * 2) / 1_000_000
     assert (record.cost, record.service_tier) == (standard.quantize(QUANTUM), "")
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_message_an_openai_deployment_served_at_priority_is_charged_priority(priced, stream):
-    """/v1/messages to an OpenAI deployment: Anthropic's request has no OpenAI tier to send (its service_tier is
-    dropped), but a project whose default is priority serves it there; the reply's tier reaches the client in
-    Anthropic's usage (``service_tier``), and the row is charged it."""
-    from tests.gateway.test_cache_write_ledger import anthropic_client
-
-    client = anthropic_client(priced)
-    body = {"model": "gpt-test", "max_tokens": 50}
-    messages = [{"role": "user", "content": "one two three [[project_tier=priority]]"}]
-    if stream:
-        with client.messages.stream(**body, messages=messages) as streamed:
-            usage = streamed.get_final_message().usage
-            request_id = streamed.response.headers["x-request-id"]
-    else:
-        raw = client.messages.with_raw_response.create(**body, messages=messages)
-        usage, request_id = raw.parse().usage, raw.headers["x-request-id"]
-    assert usage.service_tier == "priority"
-    assert_charged(request_id, Decimal(2), "priority")
 
 
 @pytest.mark.parametrize("rules", [{"fixed": {"service_tier": "priority"}}, {"drop": ["service_tier"]}])
@@ -237,16 +221,11 @@ def test_a_tier_a_parameter_rule_sends_is_reserved_and_charged(priced, rules):
         "max_tokens": 100,
         "service_tier": "default",
     }
-    client = priced.client()
     api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal("0.0003"))
-    calls = len(priced.upstream.requests)
-    with pytest.raises(openai.RateLimitError) as refused:
-        client.chat.completions.create(**body)
-    assert refused.value.code == "insufficient_quota"
-    assert len(priced.upstream.requests) == calls
+    assert_refused_before_any_upstream_call(priced, body)
 
     api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal(1))
-    raw = client.chat.completions.with_raw_response.create(**body)
+    raw = priced.client().chat.completions.with_raw_response.create(**body)
     assert raw.parse().service_tier == "priority"
     assert_charged(raw.headers["x-request-id"], Decimal(2), "priority")
 
@@ -254,7 +233,8 @@ def test_a_tier_a_parameter_rule_sends_is_reserved_and_charged(priced, rules):
 @pytest.mark.parametrize(
     ("asked", "project", "factor", "tier", "said"),
     [
-        # Anthropic's auto (or none) is sent as no OpenAI tier: charged the tier OpenAI served, flex too.
+        # Anthropic's auto (or none) is sent as no OpenAI tier: charged the tier OpenAI served, priority or flex.
+        (None, "priority", Decimal(2), "priority", "priority"),
         (None, "flex", Decimal("0.5"), "flex", "flex"),
         ("auto", "flex", Decimal("0.5"), "flex", "flex"),
         ("auto", "priority", Decimal(2), "priority", "priority"),
@@ -267,21 +247,14 @@ def test_a_tier_a_parameter_rule_sends_is_reserved_and_charged(priced, rules):
 def test_a_message_is_charged_the_tier_an_openai_deployment_served_whatever_anthropic_tier_it_asked(
     priced, asked, project, factor, tier, said, stream
 ):
-    """/v1/messages to an OpenAI deployment, its Anthropic ``service_tier`` dropped by the translation, so OpenAI
-    serves the project's default. A flex reply had no Anthropic word, so its tier was lost and the row charged the
-    standard prices (twice what /v1/chat/completions charges the same reply); now the message's usage says flex, and
-    the row is charged it, within what the client asked (``standard_only``: at most the standard prices)."""
-    from tests.gateway.test_cache_write_ledger import anthropic_client
-
-    client = anthropic_client(priced)
+    """/v1/messages to an OpenAI deployment, its Anthropic ``service_tier`` dropped by the translation (Anthropic's
+    request has no OpenAI tier to send), so OpenAI serves the project's default; the reply's tier reaches the client
+    in Anthropic's usage (``service_tier``), and the row is charged it. A flex reply had no Anthropic word, so its
+    tier was lost and the row charged the standard prices (twice what /v1/chat/completions charges the same reply);
+    now the message's usage says flex, and the row is charged it, within what the client asked (``standard_only``:
+    at most the standard prices)."""
     body = {"model": "gpt-test", "max_tokens": 50, **({} if asked is None else {"service_tier": asked})}
     messages = [{"role": "user", "content": f"one two three [[project_tier={project}]]"}]
-    if stream:
-        with client.messages.stream(**body, messages=messages) as streamed:
-            usage = streamed.get_final_message().usage
-            request_id = streamed.response.headers["x-request-id"]
-    else:
-        raw = client.messages.with_raw_response.create(**body, messages=messages)
-        usage, request_id = raw.parse().usage, raw.headers["x-request-id"]
+    request_id, usage = message(priced, {**body, "messages": messages}, stream=stream)
     assert_charged(request_id, factor, tier)
     assert usage.service_tier == said  # what the client reads is what it is charged at
