@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from django.db import connection
 from django.test import Client
-from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from audit.context import AuditOrigin, audit_origin
 from audit.models import AuditEvent
 from audit.services import audit_record
+from tests.admin_pages import changelist_page
 
 pytestmark = pytest.mark.django_db
 
@@ -20,11 +20,8 @@ CHANGELIST = reverse("admin:audit_auditevent_changelist")
 
 def log_page(client: Client, **params: str) -> tuple[list[str], list[str], str]:
     """The actions of the events the list shows, the SQL of every query that read the log, and the page."""
-    with CaptureQueriesContext(connection) as captured:
-        response = client.get(CHANGELIST, params)
-    assert response.status_code == 200
-    reads = [query["sql"] for query in captured if '"audit_auditevent"' in query["sql"]]
-    return [event.action for event in response.context["cl"].result_list], reads, response.content.decode()
+    page = changelist_page(client, CHANGELIST, "audit_auditevent", params)
+    return [event.action for event in page.rows], page.reads, page.html
 
 
 def test_the_filters_list_the_actions_and_target_types_without_a_pass_over_the_log(admin_client):

@@ -14,6 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from billing.models import BudgetAlert
+from tests.admin_pages import changelist_page
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -45,14 +46,11 @@ def test_the_alerts_list_reads_the_page_and_one_count_and_its_filters_nothing(ad
     old, half, over = alert(user, 50, days_ago=40), alert(user, 80, days_ago=1), alert(user, 100, days_ago=0)
 
     with time_machine.travel(NOW, tick=False):
-        with CaptureQueriesContext(connection) as captured:
-            page = admin_client.get(CHANGELIST)
-        reads = [query["sql"] for query in captured if '"billing_budgetalert"' in query["sql"]]
+        page = changelist_page(admin_client, CHANGELIST, "billing_budgetalert")
 
-        assert page.status_code == 200 and list(page.context["cl"].result_list) == [over, half, old]
-        assert len(reads) == 2, reads  # the page's rows and their one count
-        html = page.content.decode()
-        assert 'href="?threshold=80"' in html and "80 %" in html
+        assert page.rows == [over, half, old]
+        assert len(page.reads) == 2, page.reads  # the page's rows and their one count
+        assert 'href="?threshold=80"' in page.html and "80 %" in page.html
         for threshold, expected in (("50", [old]), ("80", [half]), ("100", [over]), ("nope", [over, half, old])):
             assert list(admin_client.get(CHANGELIST, {"threshold": threshold}).context["cl"].result_list) == expected
         midnight = NOW.replace(hour=0)

@@ -9,11 +9,11 @@ import pytest
 import time_machine
 from django.db import connection
 from django.test import Client
-from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from billing.models import DailyUsage
 from core.paginators import EstimatedCountPaginator
+from tests.admin_pages import changelist_page
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -23,11 +23,8 @@ CHANGELIST = reverse("admin:billing_usagerecord_changelist")
 
 def ledger_page(client: Client, **params: str) -> tuple[list, list[str]]:
     """The rows the list shows and the SQL of every query that read the ledger for it."""
-    with CaptureQueriesContext(connection) as captured:
-        response = client.get(CHANGELIST, params)
-    assert response.status_code == 200
-    ledger_reads = [query["sql"] for query in captured if '"billing_usagerecord"' in query["sql"]]
-    return list(response.context["cl"].result_list), ledger_reads
+    page = changelist_page(client, CHANGELIST, "billing_usagerecord", params)
+    return page.rows, page.reads
 
 
 def test_the_model_and_provider_filters_list_the_catalog_and_filter_on_its_keys(admin_client):
@@ -128,11 +125,8 @@ def test_the_daily_rollups_list_reads_no_distinct_values_counts_once_and_searche
     url = reverse("admin:billing_dailyusage_changelist")
 
     def rollups(**params: str) -> tuple[list, list[str], str]:
-        with CaptureQueriesContext(connection) as captured:
-            response = admin_client.get(url, params)
-        assert response.status_code == 200
-        reads = [query["sql"] for query in captured if '"billing_dailyusage"' in query["sql"]]
-        return list(response.context["cl"].result_list), reads, response.content.decode()
+        page = changelist_page(admin_client, url, "billing_dailyusage", params)
+        return page.rows, page.reads, page.html
 
     with time_machine.travel(now, tick=False):
         shown, reads, page = rollups()
@@ -162,10 +156,8 @@ def test_on_postgresql_the_unfiltered_list_of_a_large_ledger_is_counted_from_the
         UsageRecordFactory(status="rejected")  # written since the statistics were taken
 
     def counted(**params: str) -> tuple[int, list[str]]:
-        with CaptureQueriesContext(connection) as captured:
-            response = admin_client.get(CHANGELIST, params)
-        counts = [q["sql"] for q in captured if "COUNT(" in q["sql"] and '"billing_usagerecord"' in q["sql"]]
-        return response.context["cl"].result_count, counts
+        page = changelist_page(admin_client, CHANGELIST, "billing_usagerecord", params)
+        return page.response.context["cl"].result_count, [sql for sql in page.reads if "COUNT(" in sql]
 
     assert counted() == (30, [])
     assert counted(status="rejected")[0] == 5

@@ -10,6 +10,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from chat.models import Conversation, Message
+from tests.admin_pages import changelist_page
 from tests.factories import ModelFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -19,11 +20,8 @@ CHANGELIST = reverse("admin:chat_conversation_changelist")
 
 def listed(client: Client, **params: str) -> tuple[list[str], list[str], str]:
     """The titles the list shows, the SQL of every query that read the conversations, and the page."""
-    with CaptureQueriesContext(connection) as captured:
-        response = client.get(CHANGELIST, params)
-    assert response.status_code == 200
-    reads = [query["sql"] for query in captured if '"chat_conversation"' in query["sql"]]
-    return [c.title for c in response.context["cl"].result_list], reads, response.content.decode()
+    page = changelist_page(client, CHANGELIST, "chat_conversation", params)
+    return [c.title for c in page.rows], page.reads, page.html
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ ledger). The timings behind each rule are in docs/ledger.md ("The admin at scale
 from __future__ import annotations
 
 import pytest
-from django.db import connection
 from django.test import Client
-from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from chat.models import Conversation, Message
+from tests.admin_pages import changelist_page
 from tests.factories import ModelFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -19,11 +18,8 @@ CHANGELIST = reverse("admin:chat_message_changelist")
 
 def messages_page(client: Client, **params: str) -> tuple[list[str], list[str], str]:
     """The contents the list shows, the SQL of every query that read the messages for it, and the page."""
-    with CaptureQueriesContext(connection) as captured:
-        response = client.get(CHANGELIST, params)
-    assert response.status_code == 200
-    reads = [query["sql"] for query in captured if '"chat_message"' in query["sql"]]
-    return [m.content for m in response.context["cl"].result_list], reads, response.content.decode()
+    page = changelist_page(client, CHANGELIST, "chat_message", params)
+    return [m.content for m in page.rows], page.reads, page.html
 
 
 @pytest.fixture

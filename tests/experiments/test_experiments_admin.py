@@ -22,6 +22,7 @@ from experiments.layout import bucket_of, layout_owner
 from experiments.models import AllocationStep, Experiment, ExperimentStatus, Feedback, Variant
 from prompts.models import PromptTemplate
 from prompts.services import prompt_version_create
+from tests.admin_pages import changelist_page
 from tests.experiments.conftest import operator_signed_in, tagline_versions
 from tests.factories import DeploymentFactory, ModelFactory, UserFactory
 
@@ -425,14 +426,12 @@ def test_the_feedback_list_reads_no_more_ratings_than_it_shows_and_counts_them_o
     Feedback.objects.filter(pk=old.pk).update(comment="rated again")  # updated last: not first for it
     changelist = reverse("admin:experiments_feedback_changelist")
 
-    with CaptureQueriesContext(connection) as captured:
-        page = operator_client.get(changelist)
-    reads = [query["sql"] for query in captured if '"experiments_feedback"' in query["sql"]]
+    page = changelist_page(operator_client, changelist, "experiments_feedback")
 
-    assert list(page.context["cl"].result_list) == [named, scored, old]
-    assert len(reads) == 2, reads  # the page's rows and their one count
-    assert 'ORDER BY "experiments_feedback"."id" DESC' in next(sql for sql in reads if "ORDER BY" in sql)
-    assert 'href="?metric=score"' in page.content.decode()
+    assert page.rows == [named, scored, old]
+    assert len(page.reads) == 2, page.reads  # the page's rows and their one count
+    assert 'ORDER BY "experiments_feedback"."id" DESC' in next(sql for sql in page.reads if "ORDER BY" in sql)
+    assert 'href="?metric=score"' in page.html
     for metric, expected in (("thumbs", [old]), ("score", [scored]), ("helpfulness", [named])):
         assert list(operator_client.get(changelist, {"metric": metric}).context["cl"].result_list) == expected
 
