@@ -20,6 +20,7 @@ from billing.services.counters import INDEX_KEY
 from billing.services.keys import api_key_create
 from tests.billing.rollup_ledger import TODAY, YESTERDAY, at
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
+from tests.shared_redis import use_redis  # noqa: F401  (a fixture)
 
 STANDARD_PLANS = {
     "Free": {
@@ -54,17 +55,6 @@ def catalog(db, fake_upstream) -> dict:
             name="flat-model", provider=provider, input_per_mtok=Decimal("0"), output_per_mtok=Decimal("100.00")
         ),
     }
-
-
-@pytest.fixture
-def use_redis(settings, redis_url):
-    """Admission keeps its counters in the real Redis server, emptied after the test."""
-    settings.REDIS_URL = redis_url
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield redis_url
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture(params=["database", "redis"])

@@ -18,25 +18,14 @@ from tests.billing.test_concurrency import ServerProcess
 from tests.conftest import wait_for_port
 from tests.factories import ProviderFactory, UserFactory
 from tests.gateway.test_byok import ALICE_KEY, MESSAGES, PLATFORM_KEY, model_on, own_key
+from tests.shared_redis import use_redis  # noqa: F401  (a fixture)
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("use_redis")]
 
 
 @pytest.fixture
-def shared_redis(settings, redis_url):
-    settings.REDIS_URL = redis_url
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
-
-
-@pytest.fixture
-def servers(shared_redis, tmp_path):
-    url = shared_redis.connection_pool.connection_kwargs
-    redis_url = f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}"
+def servers(redis_url, tmp_path):
     started = [ServerProcess(redis_url, tmp_path / f"server-{n}.log", None) for n in range(2)]
     try:
         for server in started:
@@ -48,7 +37,7 @@ def servers(shared_redis, tmp_path):
 
 
 def test_a_key_deleted_through_one_server_is_not_used_by_another_for_the_next_request(
-    shared_redis, servers, fake_upstreams
+    redis_url, servers, fake_upstreams
 ):
     upstream = fake_upstreams(UpstreamSpec(name="byok", api_key=PLATFORM_KEY))["byok"]
     httpx.post(upstream.base_url + "/__control", json={"accept_keys": [ALICE_KEY]}, timeout=5).raise_for_status()
@@ -66,7 +55,8 @@ def test_a_key_deleted_through_one_server_is_not_used_by_another_for_the_next_re
         return [r["key_sha256"] for r in upstream.requests if r["path"].endswith("/chat/completions")][-1]
 
     assert chat_on(second) == key_digest(ALICE_KEY)  # the second server holds her key now, cached and pooled
-    wait_until(lambda: shared_redis.pubsub_numsub(CHANNEL)[0][1] >= 1, "the second server listening", timeout=10)
+    with redis.Redis.from_url(redis_url) as client:
+        wait_until(lambda: client.pubsub_numsub(CHANNEL)[0][1] >= 1, "the second server listening", timeout=10)
 
     deleted = httpx.delete(
         f"{first}/api/provider-keys/{credential.pk}/", headers={"Authorization": f"Bearer {secret}"}, timeout=30

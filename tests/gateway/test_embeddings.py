@@ -12,7 +12,6 @@ from decimal import ROUND_CEILING, Decimal
 import httpx
 import openai
 import pytest
-import redis
 from asgiref.sync import async_to_sync
 
 from billing.models import BudgetPeriod, UsageRecord
@@ -25,6 +24,7 @@ from providers.models import CatalogModel, Deployment, ModelMode, Provider, Prov
 from providers.tokens import prompt_token_bounds, prompt_tokens
 from tests.chat.conftest import ends, events_until, open_socket
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
+from tests.shared_redis import use_redis  # noqa: F401  (a fixture)
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -71,17 +71,11 @@ def other_kinds(embedder):
 @pytest.fixture(params=["database", "redis"])
 def store(request, settings):
     """The live server's admission store: database row locks, then the real Redis server (emptied)."""
-    if request.param == "database":
+    if request.param == "redis":
+        request.getfixturevalue("use_redis")
+    else:
         settings.REDIS_URL = ""
-        yield request.param
-        return
-    url = request.getfixturevalue("redis_url")
-    settings.REDIS_URL = url
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield request.param
-    client.flushdb()
-    client.close()
+    return request.param
 
 
 def assert_priced_row(request_id: str, prompt_tokens: int, *, estimated: bool = False) -> UsageRecord:

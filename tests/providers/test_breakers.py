@@ -31,6 +31,7 @@ from providers.routing.breakers import (
 )
 from providers.types import ProviderConfig, ResolvedDeployment
 from tests.conftest import free_port
+from tests.shared_redis import redis_emptied, use_redis  # noqa: F401  (use_redis: a fixture)
 from tests.waiting import wait_until_async
 
 START = datetime(2026, 12, 1, 9, 0, 0, tzinfo=UTC)
@@ -54,17 +55,11 @@ def deployment(forced_state: str = "") -> ResolvedDeployment:
 @pytest.fixture(params=["redis", "memory"])
 def home(request, settings):
     """Where the breakers live: the real Redis (emptied around the test), or this process's memory."""
-    if request.param == "memory":
+    if request.param == "redis":
+        request.getfixturevalue("use_redis")
+    else:
         settings.REDIS_URL = ""
-        yield "memory"
-        return
-    url = request.getfixturevalue("redis_url")
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    settings.REDIS_URL = url
-    yield "redis"
-    client.flushdb()
-    client.close()
+    return request.param
 
 
 @pytest.fixture
@@ -245,11 +240,8 @@ async def test_redis_unreachable_the_process_decides_alone(settings, clock):
 def shared(settings, redis_url):
     settings.REDIS_URL = redis_url
     settings.LLMHUB_BREAKER_RESYNC_SECONDS = 0.2
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with redis_emptied(redis_url, decode_responses=True) as client:
+        yield client
 
 
 def _transition_unannounced(client: redis.Redis, deployment_id: int, name: str) -> None:

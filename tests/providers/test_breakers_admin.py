@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import redis
 import time_machine
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
@@ -19,21 +18,12 @@ from providers.routing.breakers import breaker_is_open, breaker_record, breaker_
 from providers.selectors import resolved_deployment
 from providers.services.breakers import deployment_breaker_override_set
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
+from tests.shared_redis import use_redis  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.django_db
 
 KEY = "sk-deployments-admin-secret-0123456789ABCD"
 CHANGELIST = reverse("admin:providers_deployment_changelist")
-
-
-@pytest.fixture
-def shared_redis(settings, redis_url):
-    settings.REDIS_URL = redis_url
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield redis_url
-    client.flushdb()
-    client.close()
 
 
 def checks(deployment: Deployment, count: int, *, ok: bool = True) -> None:
@@ -56,7 +46,8 @@ def run_action(client, action: str, *deployments: Deployment) -> list[str]:
     return [message.message for message in response.context["messages"]]
 
 
-def test_the_changelist_shows_each_deployment_its_breaker_and_last_check(admin_client, shared_redis):
+@pytest.mark.usefixtures("use_redis")
+def test_the_changelist_shows_each_deployment_its_breaker_and_last_check(admin_client):
     provider = ProviderFactory(name="east", api_key=KEY)
     model = ModelFactory(name="gpt-routed", provider=provider, upstream_id="gpt-east")
     east = model.deployments.get()
@@ -74,7 +65,8 @@ def test_the_changelist_shows_each_deployment_its_breaker_and_last_check(admin_c
     assert KEY not in page
 
 
-def test_the_changelist_costs_the_same_queries_for_many_deployments(admin_client, shared_redis):
+@pytest.mark.usefixtures("use_redis")
+def test_the_changelist_costs_the_same_queries_for_many_deployments(admin_client):
     def queries() -> int:
         with CaptureQueriesContext(connection) as captured:
             assert admin_client.get(CHANGELIST).status_code == 200
@@ -88,8 +80,9 @@ def test_the_changelist_costs_the_same_queries_for_many_deployments(admin_client
     assert queries() == few
 
 
+@pytest.mark.usefixtures("use_redis")
 @pytest.mark.django_db(transaction=True)  # the breaker moves when the override commits
-def test_breaker_actions_hold_for_every_process(admin_client, shared_redis):
+def test_breaker_actions_hold_for_every_process(admin_client):
     model = ModelFactory(provider=ProviderFactory(api_key=KEY))
     deployment = model.deployments.get()
 
@@ -127,9 +120,10 @@ class OverrideRefused(Exception):
     pass
 
 
+@pytest.mark.usefixtures("use_redis")
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("override", [BreakerOverride.OPEN, BreakerOverride.CLOSED, BreakerOverride.NONE])
-def test_an_override_rolled_back_leaves_the_shared_breaker_as_it_was(shared_redis, override):
+def test_an_override_rolled_back_leaves_the_shared_breaker_as_it_was(override):
     """The breaker moved in Redis before the override's transaction committed: when it rolled back (the admin
     action's request failing after it, say), every process obeyed a forced breaker no saved override explained,
     and nothing showed it. The breaker now moves once the override commits."""
@@ -158,8 +152,9 @@ def test_an_override_rolled_back_leaves_the_shared_breaker_as_it_was(shared_redi
     assert breaker_state(deployment.pk).state == (OPEN if override == BreakerOverride.OPEN else CLOSED)
 
 
+@pytest.mark.usefixtures("use_redis")
 @time_machine.travel(datetime(2026, 12, 1, 9, 0, tzinfo=UTC), tick=False)
-def test_the_change_page_shows_the_latest_twenty_checks_read_only(admin_client, shared_redis):
+def test_the_change_page_shows_the_latest_twenty_checks_read_only(admin_client):
     deployment = ModelFactory(provider=ProviderFactory(api_key=KEY)).deployments.get()
     checks(deployment, 25, ok=False)
     for _ in range(5):

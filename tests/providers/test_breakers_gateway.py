@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import redis
 
 from billing.services.keys import api_key_create
 from providers.models import Deployment, RoutingStrategy
@@ -13,17 +12,15 @@ from providers.routing.breaker_machine import CLOSED, OPEN
 from providers.routing.breakers import breaker_is_open, breaker_state
 from providers.selectors import resolved_deployment
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, UserFactory
+from tests.shared_redis import use_redis  # noqa: F401  (a fixture)
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("use_redis")]
 
 
 @pytest.fixture
-def site(llmhub_server, fake_upstreams, settings, redis_url):
-    settings.REDIS_URL = redis_url
+def site(llmhub_server, fake_upstreams, settings):
     settings.LLMHUB_BREAKER_COOLDOWN_SECONDS = 1
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     upstreams = fake_upstreams("east", "west")
     east = ProviderFactory(name="east", base_url=upstreams["east"].base_url + "/v1")
     west = ProviderFactory(name="west", base_url=upstreams["west"].base_url + "/v1")
@@ -35,8 +32,6 @@ def site(llmhub_server, fake_upstreams, settings, redis_url):
     key = api_key_create(user=UserFactory(username="breakers"), name="breakers").secret
     with httpx.Client(base_url=llmhub_server.url, headers={"authorization": f"Bearer {key}"}, timeout=30) as http:
         yield http, upstreams, Deployment.objects.get(model=routed, name="east")
-    client.flushdb()
-    client.close()
 
 
 def served(http: httpx.Client, n: int) -> list[tuple[str, str]]:

@@ -12,6 +12,7 @@ import redis
 
 from providers.routing import breakers
 from providers.routing.breaker_machine import CLOSED, HALF_OPEN, OPEN, BreakerConfig, BreakerView, Machine
+from tests.shared_redis import redis_emptied
 from tests.waiting import wait_until
 
 T0 = 1_800_000_000_000  # ms since the epoch: the clock is an argument of every transition
@@ -188,11 +189,8 @@ class LuaRunner:
 
 @pytest.fixture
 def redis_client(redis_url):
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with redis_emptied(redis_url, decode_responses=True) as client:
+        yield client
 
 
 def _check(name: str, impl: str, step: int, now: int, got, expected: dict) -> None:

@@ -10,7 +10,6 @@ import textwrap
 from io import StringIO
 
 import pytest
-import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.core.management import call_command
@@ -23,18 +22,9 @@ from providers.routing.breakers import breaker_state
 from providers.services.breakers import deployment_breaker_override_set
 from providers.services.health import health_check_round
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.shared_redis import use_redis  # noqa: F401  (a fixture)
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def shared_redis(settings, redis_url):
-    settings.REDIS_URL = redis_url
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield redis_url
-    client.flushdb()
-    client.close()
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("use_redis")]
 
 
 def found_missing(fake_upstream, *, upstream_id: str = "fake-gpt-typo") -> Deployment:
@@ -62,9 +52,7 @@ async def admin_page(browser, live_site, path: str):
 
 
 @pytest.mark.browser
-async def test_correcting_the_upstream_id_on_the_deployment_page_closes_its_breaker(
-    live_site, browser, fake_upstream, shared_redis
-):
+async def test_correcting_the_upstream_id_on_the_deployment_page_closes_its_breaker(live_site, browser, fake_upstream):
     deployment = await sync_to_async(found_missing)(fake_upstream)
     context, page = await admin_page(browser, live_site, f"/admin/providers/deployment/{deployment.pk}/change/")
     try:
@@ -80,7 +68,7 @@ async def test_correcting_the_upstream_id_on_the_deployment_page_closes_its_brea
 
 @pytest.mark.browser
 async def test_correcting_the_upstream_id_in_the_models_deployments_closes_its_breaker(
-    live_site, browser, fake_upstream, shared_redis
+    live_site, browser, fake_upstream
 ):
     deployment = await sync_to_async(found_missing)(fake_upstream)
     context, page = await admin_page(browser, live_site, f"/admin/providers/catalogmodel/{deployment.model_id}/change/")
@@ -95,9 +83,7 @@ async def test_correcting_the_upstream_id_in_the_models_deployments_closes_its_b
 
 
 @pytest.mark.browser
-async def test_an_admins_forced_open_breaker_stays_open_when_the_upstream_id_changes(
-    live_site, browser, fake_upstream, shared_redis
-):
+async def test_an_admins_forced_open_breaker_stays_open_when_the_upstream_id_changes(live_site, browser, fake_upstream):
     deployment = await sync_to_async(found_missing)(fake_upstream)
     await sync_to_async(deployment_breaker_override_set)(deployment=deployment, override=BreakerOverride.OPEN)
     context, page = await admin_page(browser, live_site, f"/admin/providers/deployment/{deployment.pk}/change/")
@@ -111,7 +97,7 @@ async def test_an_admins_forced_open_breaker_stays_open_when_the_upstream_id_cha
     assert (await sync_to_async(breaker_state)(deployment.pk)).state == OPEN
 
 
-def test_saving_a_deployment_without_changing_its_upstream_id_leaves_its_breaker_open(fake_upstream, shared_redis):
+def test_saving_a_deployment_without_changing_its_upstream_id_leaves_its_breaker_open(fake_upstream):
     deployment = found_missing(fake_upstream)
     client = Client()
     client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
@@ -159,7 +145,7 @@ def load(tmp_path, fake_upstream, upstream: str, extra: str = "") -> str:
     return out.getvalue()
 
 
-def test_loadproviders_correcting_the_upstream_id_closes_its_breaker(tmp_path, fake_upstream, shared_redis, settings):
+def test_loadproviders_correcting_the_upstream_id_closes_its_breaker(tmp_path, fake_upstream, settings):
     settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
     load(tmp_path, fake_upstream, "fake-gpt-typo")
     deployment = Deployment.objects.get()
@@ -174,9 +160,7 @@ def test_loadproviders_correcting_the_upstream_id_closes_its_breaker(tmp_path, f
     assert (state.state, state.failures) == (CLOSED, 0)
 
 
-def test_loadproviders_changing_the_upstream_id_keeps_an_admins_forced_open_breaker(
-    tmp_path, fake_upstream, shared_redis, settings
-):
+def test_loadproviders_changing_the_upstream_id_keeps_an_admins_forced_open_breaker(tmp_path, fake_upstream, settings):
     settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
     load(tmp_path, fake_upstream, "fake-gpt-typo", ", breaker_override: open")
     deployment = Deployment.objects.get()

@@ -11,7 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-import redis
 import time_machine
 from asgiref.sync import async_to_sync
 from django.test import override_settings
@@ -26,6 +25,7 @@ from providers.tasks import providers_health_check_all
 from tests.conftest import free_port
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
 from tests.providers.health_probes import breakers_closed_after, set_fault  # noqa: F401  (a fixture)
+from tests.shared_redis import use_redis  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("breakers_closed_after")]
 
@@ -35,17 +35,11 @@ KEY = "sk-health-secret-key-0123456789abcdefghij"
 @pytest.fixture(params=["memory", "redis"])
 def home(request, settings):
     """Where the breakers live: this process's memory, or the real Redis every process shares (emptied)."""
-    if request.param == "memory":
+    if request.param == "redis":
+        request.getfixturevalue("use_redis")
+    else:
         settings.REDIS_URL = ""
-        yield request.param
-        return
-    url = request.getfixturevalue("redis_url")
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    settings.REDIS_URL = url
-    yield request.param
-    client.flushdb()
-    client.close()
+    return request.param
 
 
 def checks(deployment: Deployment) -> list[tuple[bool, str]]:
