@@ -45,6 +45,31 @@ async def two_content_chunks(stream: AsyncIterator[dict[str, Any]]) -> None:
                 return
 
 
+async def assert_cancelling_the_consumer_closes_the_response(adapter: Any, request: Any, port: int) -> None:
+    """A task consuming ``adapter.stream(request)`` (a reply long and slow enough to be mid-stream), cancelled once
+    it has two content chunks: the cancellation reaches the task, and no connection to ``port`` is left open.
+    The adapter is closed after."""
+    two_chunks = asyncio.Event()
+
+    async def consume() -> None:
+        stream = adapter.stream(request)
+        await two_content_chunks(stream)
+        two_chunks.set()
+        async for _chunk in stream:
+            pass
+
+    try:
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(two_chunks.wait(), timeout=5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        assert open_connections_to(port) == 0
+    finally:
+        await adapter.aclose()
+
+
 @pytest.fixture
 def mail_fails_once(settings):
     MailFailingOnce.failed = False

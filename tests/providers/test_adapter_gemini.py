@@ -3,7 +3,6 @@ Gemini routes through google-genai. The behaviour every adapter shares is in tes
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 
@@ -16,7 +15,12 @@ from providers.adapters.translate_gemini import StreamTranslator, completion_fro
 from providers.exceptions import ProviderAuthenticationError, ProviderBadRequestError, ProviderError
 from providers.fields import Secret
 from providers.types import ProviderConfig
-from tests.providers.conftest import open_connections_once_closed, open_connections_to, two_content_chunks
+from tests.providers.conftest import (
+    assert_cancelling_the_consumer_closes_the_response,
+    open_connections_once_closed,
+    open_connections_to,
+    two_content_chunks,
+)
 
 API_KEY = "AIza-gemini-adapter-test-key-0123456789"
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
@@ -405,25 +409,9 @@ async def test_closing_a_stream_closes_the_upstream_response_at_once(private_ups
 
 async def test_cancelling_the_consuming_task_closes_the_upstream_response(private_upstream):
     adapter = GeminiAdapter(make_config(private_upstream.base_url))
-    two_chunks = asyncio.Event()
-
-    async def consume() -> None:
-        stream = adapter.stream(chat("[[tps=5]] [[words=200]]"))
-        await two_content_chunks(stream)
-        two_chunks.set()
-        async for _chunk in stream:
-            pass
-
-    try:
-        task = asyncio.create_task(consume())
-        await asyncio.wait_for(two_chunks.wait(), timeout=5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-        assert open_connections_to(private_upstream.port) == 0
-    finally:
-        await adapter.aclose()
+    await assert_cancelling_the_consumer_closes_the_response(
+        adapter, chat("[[tps=5]] [[words=200]]"), private_upstream.port
+    )
 
 
 async def test_a_key_google_does_not_know_is_a_refused_key_not_a_bad_request(fake_upstreams):

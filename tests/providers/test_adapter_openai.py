@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from decimal import Decimal
@@ -19,7 +18,12 @@ from providers.exceptions import (
 from providers.fields import Secret
 from providers.types import ProviderConfig, ResolvedModel
 from tests.loopback_http import LoopbackHTTPServer, QuietHandler
-from tests.providers.conftest import open_connections_once_closed, open_connections_to, two_content_chunks
+from tests.providers.conftest import (
+    assert_cancelling_the_consumer_closes_the_response,
+    open_connections_once_closed,
+    open_connections_to,
+    two_content_chunks,
+)
 
 API_KEY = "sk-openai-adapter-test-key-0123456789abcdef"
 WEATHER_TOOL = {
@@ -244,25 +248,9 @@ async def test_closing_a_stream_closes_the_upstream_response_at_once(private_ups
 
 async def test_cancelling_the_consuming_task_closes_the_upstream_response(private_upstream):
     adapter = OpenAIAdapter(make_config(private_upstream))
-    two_chunks = asyncio.Event()
-
-    async def consume() -> None:
-        stream = adapter.stream(user("[[tps=5]] [[words=200]]"))
-        await two_content_chunks(stream)
-        two_chunks.set()
-        async for _chunk in stream:
-            pass
-
-    try:
-        task = asyncio.create_task(consume())
-        await asyncio.wait_for(two_chunks.wait(), timeout=5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-        assert open_connections_to(private_upstream.port) == 0
-    finally:
-        await adapter.aclose()
+    await assert_cancelling_the_consumer_closes_the_response(
+        adapter, user("[[tps=5]] [[words=200]]"), private_upstream.port
+    )
 
 
 class _OneChoiceFinishedThenCut(LoopbackHTTPServer):
