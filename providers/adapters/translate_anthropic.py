@@ -55,6 +55,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
@@ -88,20 +89,27 @@ THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 2048, "hi
 _LEAST_THINKING_BUDGET = 1024
 
 
-def thinking_budget(effort: str, provider: str, error: type[ProviderBadRequestError]) -> int:
-    """The thinking budget in tokens of a ``reasoning_effort`` (``THINKING_BUDGETS``; 0 for ``none``), for the
-    translation of each provider that takes Claude's budgets (Claude's own, Cohere's ``thinking``): an effort without
-    one (``xhigh``) is refused with ``error``, a 400 naming ``reasoning_effort`` and the levels, in the words of
-    ``provider`` (its name, as the client knows it), not dropped."""
-    if effort not in THINKING_BUDGETS:
+def thinking_budget(
+    effort: str,
+    provider: str,
+    error: type[ProviderBadRequestError],
+    budgets: Mapping[str, int] = THINKING_BUDGETS,
+) -> int:
+    """The thinking budget in tokens of a ``reasoning_effort`` (0 for ``none``), for the translation of each provider
+    that thinks within a budget: ``budgets`` is the provider's table, Claude's ``THINKING_BUDGETS`` unless it has its
+    own (Claude's and Cohere's ``thinking`` take Claude's; Gemini's ``thinking_config``, Google's own,
+    ``translate_gemini.GEMINI_THINKING_BUDGETS``). An effort without one (``xhigh``) is refused with ``error``, a 400
+    naming ``reasoning_effort`` and the table's levels, in the words of ``provider`` (its name, as the client knows
+    it), not dropped."""
+    if effort not in budgets:
         raise error(
             f"{provider} has no thinking budget for reasoning_effort {effort!r}: use one of "
-            + ", ".join(repr(name) for name in THINKING_BUDGETS)
+            + ", ".join(repr(name) for name in budgets)
             + ".",
             param="reasoning_effort",
             code="unsupported_value",
         )
-    return THINKING_BUDGETS[effort]
+    return budgets[effort]
 
 
 # Anthropic's thinking settings that turn it on, and the Messages API's tool choices that force a call, which

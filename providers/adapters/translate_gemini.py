@@ -8,7 +8,8 @@ answers); tools their ``function_declarations`` with the JSON schema as given
 (``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
 ``Schema`` subset); ``tool_choice`` a ``function_calling_config``; ``logprobs`` and ``top_logprobs``
 ``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400); ``reasoning_effort``
-a ``thinking_config`` budget (``_THINKING_BUDGETS``; another value is a 400, not dropped) with
+a ``thinking_config`` budget (``GEMINI_THINKING_BUDGETS``, Google's own, by Claude's rule ``thinking_budget``:
+another value is a 400, not dropped) with
 ``include_thoughts``, so that the thought summaries come back as ``reasoning_content`` (``none``: no thinking).
 Gemini has no logit bias, so a non-empty ``logit_bias`` is a 400 rather than a bias silently not applied (the
 adapter's ``unhonoured_refused``, before this translation); and no way to ask for one tool call a turn, so
@@ -38,6 +39,7 @@ import time
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
+from .translate_anthropic import thinking_budget
 
 _FINISH: dict[str, str] = {
     "STOP": "stop",
@@ -51,11 +53,14 @@ _FINISH: dict[str, str] = {
     "LANGUAGE": "content_filter",
 }
 # OpenAI's reasoning_effort → Gemini's thinking budget in tokens: the values Google's own OpenAI compatibility
-# gives Gemini 2.5 (``none`` turns thinking off). Gemini 3 models take a budget too, for backwards compatibility;
-# a model that cannot honour one (turning off a Pro model's thinking) answers Google's 400.
-_THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
+# gives Gemini 2.5 (low 1K, medium 8K, high 24K; ``none`` turns thinking off), not Claude's (``THINKING_BUDGETS``,
+# whose medium and high are a quarter and a sixth of these), each within every 2.5 model's range (Pro 128 to 32768,
+# Flash 0 to 24576, Flash-Lite 512 to 24576). Gemini 3 models take a budget too, for backwards compatibility; a model
+# that cannot honour one (turning off a Pro model's thinking) answers Google's 400. Looked up, and an effort without
+# a budget refused, by Claude's rule (``thinking_budget``).
+GEMINI_THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
 # The ``reasoning_effort`` levels Gemini has a thinking budget for.
-THINKING_EFFORTS = tuple(_THINKING_BUDGETS)
+THINKING_EFFORTS = tuple(GEMINI_THINKING_BUDGETS)
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
 
 
@@ -89,15 +94,7 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
             config[theirs] = body[ours]
     effort = body.get("reasoning_effort")
     if effort is not None:
-        if effort not in _THINKING_BUDGETS:
-            raise _invalid(
-                f"Gemini has no thinking budget for reasoning_effort {effort!r}: use one of "
-                + ", ".join(repr(name) for name in _THINKING_BUDGETS)
-                + ".",
-                "reasoning_effort",
-                "unsupported_value",
-            )
-        budget = _THINKING_BUDGETS[effort]
+        budget = thinking_budget(effort, "Gemini", ProviderBadRequestError, GEMINI_THINKING_BUDGETS)
         # Asked to reason, the model's thought summaries come back too (``reasoning_content``), as reasoning does
         # from OpenAI-compatible servers; without ``include_thoughts`` Gemini bills its thinking and shows none.
         config["thinking_config"] = (
