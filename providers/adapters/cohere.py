@@ -51,6 +51,7 @@ from .common import (
     in_batches,
     interruption_reason,
     max_tool_calls,
+    message_text,
     one_choice_only,
     refusal_named,
     scrub,
@@ -327,19 +328,9 @@ def _int_or_none(value: Any) -> int | None:
 # OpenAI chat → Cohere v2
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
-        )
-    return ""
-
-
 def _user_content(content: Any) -> str | list[dict[str, Any]]:
     if not isinstance(content, list):
-        return _text_of(content)
+        return message_text(content)
     parts: list[dict[str, Any]] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -357,12 +348,12 @@ def _user_content(content: Any) -> str | list[dict[str, Any]]:
 def _message(message: dict[str, Any]) -> dict[str, Any]:
     role = message.get("role")
     if role in ("system", "developer"):
-        return {"role": "system", "content": _text_of(message.get("content"))}
+        return {"role": "system", "content": message_text(message.get("content"))}
     if role == "user":
         return {"role": "user", "content": _user_content(message.get("content"))}
     if role == "assistant":
         translated: dict[str, Any] = {"role": "assistant"}
-        text = _text_of(message.get("content"))
+        text = message_text(message.get("content"))
         thought = message.get("reasoning_content")
         if isinstance(thought, str) and thought:
             # What a reasoning model thought (the reply's ``reasoning_content``) goes back as Cohere's assistant
@@ -390,7 +381,7 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
         return {
             "role": "tool",
             "tool_call_id": message.get("tool_call_id"),
-            "content": _text_of(message.get("content")),
+            "content": message_text(message.get("content")),
         }
     raise ProviderBadRequestError(f"Cohere does not take a message of role {role!r}.", param="messages")
 

@@ -246,6 +246,23 @@ def assistant_fields_dropped(body: dict[str, Any], names: frozenset[str]) -> dic
     }
 
 
+def message_text(content: Any) -> str:
+    """The text of an OpenAI message's ``content``, for a provider that takes one text where OpenAI takes parts (a
+    tool message's result, Gemini's ``function_response`` and Cohere's tool content; Cohere's system and assistant
+    text): a string as it is, a list's ``text`` parts concatenated as OpenAI reads them, with nothing put between
+    (a client that split a text mid-line or mid-word meant it whole, and one that wanted a break wrote it), other
+    parts left to the caller; anything else ``""``."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
 # OpenAI's request-level prompt-caching hints an upstream without OpenAI's cache controls is not sent
 # (``prompt_cache_hints_dropped``); ``prompt_cache_key`` only where it means nothing.
 PROMPT_CACHE_HINTS = frozenset({"prompt_cache_options", "prompt_cache_retention"})

@@ -39,6 +39,7 @@ import time
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
+from .common import message_text
 from .translate_anthropic import thinking_budget
 
 _FINISH: dict[str, str] = {
@@ -157,7 +158,9 @@ def _contents(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
                 raise _invalid(
                     f"`{where}` answers a tool call this conversation does not contain.", f"{where}.tool_call_id"
                 )
-            output = " ".join(part.get("text", "") for part in _parts(message.get("content") or "", where))
+            content = message.get("content") or ""
+            _parts(content, where)  # a part Gemini cannot take is refused here as in any message
+            output = message_text(content)  # its text parts as one text, as OpenAI reads them
             parts = [{"function_response": {"name": name, "response": {"output": output}}}]
             gemini_role = "user"
         else:

@@ -322,6 +322,29 @@ async def test_the_request_reaches_gemini_in_its_own_shape(adapter, fake_upstrea
     assert sent["generationConfig"]["maxOutputTokens"] == 40
 
 
+async def test_a_tool_messages_text_parts_reach_gemini_joined_as_one_text(adapter, fake_upstream):
+    """A tool message's text parts are one text, as OpenAI reads a message's parts and as the Cohere translation joins
+    them: the function response Gemini was sent joined them with a space, so a result the client split mid-line (a
+    CSV's row across two parts) reached the model with a space inside a word."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    parts = [{"type": "text", "text": "city,temp\nPar"}, {"type": "text", "text": "is,21\n"}]
+    body = {
+        "model": "gemini-2.5-flash",
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": parts},
+        ],
+        "tools": [WEATHER_TOOL],
+    }
+    await adapter.complete(body)
+
+    (part,) = last_body(fake_upstream)["contents"][-1]["parts"]
+    response = part.get("functionResponse") or part["function_response"]
+    assert response["name"] == "get_weather"
+    assert response["response"] == {"output": "city,temp\nParis,21\n"}
+
+
 async def test_a_safety_block_of_the_answer_is_content_filter(adapter):
     completion = await adapter.complete(chat("something [[safety=response]]"))
     validate_openai_schema(completion, "CreateChatCompletionResponse")
