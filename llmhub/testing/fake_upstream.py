@@ -57,7 +57,11 @@ Endpoints
     and ``prefix``, such as another provider's ``reasoning_content`` or ``thinking_blocks``) is a 422 in Mistral's
     shape (``{"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", NAME], …}]},
     …}``), Mistral's own names are taken (``random_seed``, ``output_dimension``) and so is ``prompt_cache_key``, as
-    Mistral's chat completions take it (since 7 December: until then a 422), a stream always reports its usage, on its
+    Mistral's chat completions take it (since 7 December: until then a 422), and ``reasoning_effort`` and
+    ``guardrails``, as its ``ChatCompletionRequest`` has them (since 7 December: until then a 422), an effort Mistral
+    has not (its ``ReasoningEffort`` is ``none`` or ``high``) its 422 of a value outside the enum (``{"type": "enum",
+    "loc": ["body", "reasoning_effort"], "msg": "Input should be 'none' or 'high'", …}``), a stream always reports its
+    usage, on its
     last chunk, embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
     request``), a tool call's id in the messages (a call's ``id``, a tool message's ``tool_call_id``) must be 9
     letters and digits (else Mistral's 400 ``Tool call id was … but must be a-z, A-Z, 0-9, with a length of 9.``,
@@ -1202,11 +1206,16 @@ _MISTRAL_CHAT_FIELDS = frozenset(
         "n",
         "prediction",
         "parallel_tool_calls",
+        "reasoning_effort",  # its ReasoningEffort: MISTRAL_REASONING_EFFORTS
         "prompt_mode",
+        "guardrails",  # a list of its GuardrailConfig (block_on_error, moderation_llm_v1, moderation_llm_v2)
         "prompt_cache_key",  # routes requests sharing it to Mistral's prompt cache
         "safe_prompt",
     }
 )
+# The ``reasoning_effort`` values Mistral's chat completions take (its ``ReasoningEffort`` enum: the adjustable
+# reasoning of Mistral Small, a full thinking chunk or next to none); another is its 422 (``_mistral_invalid_effort``).
+MISTRAL_REASONING_EFFORTS = ("none", "high")
 # Codestral's fill-in-the-middle request (``FIMCompletionRequest``).
 _MISTRAL_FIM_FIELDS = frozenset(
     {"model", "prompt", "suffix", "temperature", "top_p", "max_tokens", "min_tokens", "stream", "stop", "random_seed"}
@@ -1245,6 +1254,30 @@ def _mistral_extra_fields(body: Any, allowed: frozenset[str]) -> web.Response | 
     answer = {
         "object": "error",
         "message": {"detail": detail},
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    return web.json_response(answer, status=422)
+
+
+def _mistral_invalid_effort(body: Any) -> web.Response | None:
+    """Mistral's 422 for a ``reasoning_effort`` outside its enum (``MISTRAL_REASONING_EFFORTS``; null is taken, as
+    the field is nullable), in the shape of its other validation errors."""
+    effort = body.get("reasoning_effort") if isinstance(body, dict) else None
+    if effort is None or effort in MISTRAL_REASONING_EFFORTS:
+        return None
+    expected = " or ".join(repr(name) for name in MISTRAL_REASONING_EFFORTS)
+    detail = {
+        "type": "enum",
+        "loc": ["body", "reasoning_effort"],
+        "msg": f"Input should be {expected}",
+        "input": effort,
+        "ctx": {"expected": expected},
+    }
+    answer = {
+        "object": "error",
+        "message": {"detail": [detail]},
         "type": "invalid_request_error",
         "param": None,
         "code": None,
@@ -2007,7 +2040,7 @@ class _App:
         ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, …) is a 422, and a stream reports its usage
         on its last chunk, unasked."""
         body = request[_BODY_KEY]
-        refused = _mistral_extra_fields(body, _MISTRAL_CHAT_FIELDS)
+        refused = _mistral_extra_fields(body, _MISTRAL_CHAT_FIELDS) or _mistral_invalid_effort(body)
         if refused is not None:
             return refused
         refused = _mistral_last_role(body) or _mistral_tool_call_ids(body)

@@ -126,6 +126,31 @@ def test_a_field_mistral_does_not_take_is_a_400_naming_it(mistral):
     assert "user" in error["message"] and "Extra inputs are not permitted" in error["message"]
 
 
+@pytest.mark.parametrize("effort", ["none", "high"])
+def test_reasoning_effort_reaches_mistral_as_the_client_sent_it(mistral, effort):
+    """Mistral's chat completions take ``reasoning_effort`` under OpenAI's name, ``none`` or ``high`` (its adjustable
+    reasoning), which the fake upstream's Mistral route refused with the 422 of a field Mistral does not take: the
+    adapter sends it as it came, neither dropped nor renamed."""
+    completion = mistral.client().chat.completions.create(
+        model="mistral-test", messages=[{"role": "user", "content": "hi"}], reasoning_effort=effort
+    )
+    assert completion.choices[0].message.content == "Echo: hi"
+    assert mistral.upstream.requests[-1]["body"]["reasoning_effort"] == effort
+
+
+@pytest.mark.parametrize("effort", ["minimal", "low", "medium", "xhigh"])
+def test_a_reasoning_effort_mistral_has_not_is_a_400_naming_it(mistral, effort):
+    """Mistral's reasoning is on (``high``) or off (``none``): another level goes up as asked, not made one of those
+    (which would think more, or less, than asked), and Mistral's 422 reaches the client as a 400 naming it."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        mistral.client().chat.completions.create(
+            model="mistral-test", messages=[{"role": "user", "content": "hi"}], reasoning_effort=effort
+        )
+    assert caught.value.body["param"] == "reasoning_effort"
+    assert "Input should be 'none' or 'high'" in caught.value.body["message"]
+    assert mistral.upstream.requests[-1]["body"]["reasoning_effort"] == effort
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_mistral_reasoning_models_thinking_chunks_reach_the_client_as_reasoning_content(mistral, stream):
     """Mistral's reasoning models (Magistral) write ``content`` as a list of ``thinking`` and ``text`` chunks, which

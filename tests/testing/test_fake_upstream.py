@@ -1707,6 +1707,31 @@ def test_mistral_refuses_the_fields_it_does_not_take_with_its_422(upstream: Fake
     assert "Too many inputs" in caught.value.message
 
 
+def test_mistral_takes_reasoning_effort_and_guardrails(upstream: FakeUpstream) -> None:
+    """Mistral's chat completions take ``reasoning_effort`` (its ``ReasoningEffort``: ``none`` or ``high``, the
+    adjustable reasoning of Mistral Small) and ``guardrails`` (a list of its ``GuardrailConfig``), which the Mistral
+    route refused with the 422 of a field Mistral does not take; an effort Mistral has not is its 422 of a value
+    outside the enum, naming it."""
+    mistral = openai.OpenAI(base_url=upstream.base_url + "/mistral/v1", api_key="mistral-key", max_retries=0)
+    messages = [{"role": "user", "content": "[[words=3]]"}]
+    guardrails = [{"block_on_error": True, "moderation_llm_v1": {"action": "block"}}]
+    for effort in ("none", "high"):
+        completion = mistral.chat.completions.create(
+            model="mistral-small-latest",
+            messages=messages,
+            reasoning_effort=effort,
+            extra_body={"guardrails": guardrails},
+        )
+        assert completion.choices[0].message.content == "lorem ipsum dolor"
+        assert upstream.requests[-1]["body"]["reasoning_effort"] == effort
+        assert upstream.requests[-1]["body"]["guardrails"] == guardrails
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        mistral.chat.completions.create(model="mistral-small-latest", messages=messages, reasoning_effort="low")
+    [detail] = caught.value.response.json()["message"]["detail"]
+    assert (detail["type"], detail["loc"], detail["input"]) == ("enum", ["body", "reasoning_effort"], "low")
+    assert detail["msg"] == "Input should be 'none' or 'high'"
+
+
 def test_ollama_answers_one_choice_whatever_n_asked(upstream: FakeUpstream) -> None:
     ollama = openai.OpenAI(base_url=upstream.base_url + "/ollama/v1", api_key="ollama", max_retries=0)
     messages = [{"role": "user", "content": "[[words=3]]"}]
