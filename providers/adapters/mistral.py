@@ -11,7 +11,9 @@ counterpart for (``user``, …) still goes up, and its 422 reaches the client as
 refused before the call (``unhonoured_refused``: Mistral returns none) and ``false`` is not sent. OpenAI's prompt
 caching controls (``prompt_cache_options``, ``prompt_cache_retention``, a content part's ``prompt_cache_breakpoint``)
 are not sent (``prompt_cache_hints_dropped``): Mistral caches as it does, and refused each with its 422;
-``prompt_cache_key`` is, as Mistral takes it (requests sharing it are routed to its cache). But
+``prompt_cache_key`` is, as Mistral takes it (requests sharing it are routed to its cache), and so is
+``reasoning_effort``, under OpenAI's name: Mistral's is ``none`` or ``high`` (another level is its 422, a 400 naming
+it), and a /v1/messages ``output_config.effort`` but ``high`` is refused before the call (``messages_efforts``). But
 an assistant message sent back as llmhub answered it has fields OpenAI's replies carry and Mistral's messages lack
 (``refusal``, ``annotations``, the reasoning in ``reasoning_content`` or ``reasoning``): they are left out
 (``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them. A last message of
@@ -76,6 +78,9 @@ class MistralAdapter(OpenAIAdapter):
     embed_batch_limit = 512  # Mistral refuses more inputs in one request ("Too many inputs in request")
     # Mistral has no ``user``: a /v1/messages request's ``metadata.user_id`` is left out, not sent to be refused.
     messages_end_user_field = None
+    # The ``output_config.effort`` Mistral has a ``reasoning_effort`` for: its reasoning is ``high`` or ``none`` (which
+    # Anthropic's levels do not name); another was sent to meet Mistral's 422, a 400 naming ``reasoning_effort``.
+    messages_efforts = ("high",)
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         request = fields_renamed(

@@ -930,10 +930,10 @@ def _effort(request: dict[str, Any], efforts: tuple[str, ...] | None = None) -> 
     if isinstance(thinking, dict) and thinking.get("type") == "disabled":
         return None
     if efforts is not None and effort not in efforts:
+        levels = ", ".join(repr(name) for name in efforts[:-1])
         raise _refused(
             f"this model has no effort level {effort!r}: use "
-            + ", ".join(repr(name) for name in efforts[:-1])
-            + f" or {efforts[-1]!r}",
+            + (f"{levels} or {efforts[-1]!r}" if levels else repr(efforts[-1])),
             "output_config.effort",
             "unsupported_value",
         )

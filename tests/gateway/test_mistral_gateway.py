@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -258,6 +259,38 @@ def test_the_end_user_of_a_messages_request_is_not_sent_to_mistral(mistral):
     assert answer.status_code == 200, answer.text
     assert answer.json()["content"] == [{"type": "text", "text": "hi"}]
     assert "user" not in mistral.upstream.requests[-1]["body"]
+
+
+@pytest.mark.parametrize("effort", ["low", "medium", "xhigh", "max"])
+def test_an_effort_mistral_has_not_on_messages_is_a_400_naming_the_clients_field(mistral, effort):
+    """A /v1/messages client asks for effort in ``output_config.effort``, which goes to Mistral as ``reasoning_effort``:
+    one Mistral has not (it takes ``high``, or ``none``, which Anthropic's levels do not name) got Mistral's 422, a 400
+    naming ``reasoning_effort``, a field the client never sent. It names the client's field, with the level Mistral
+    has, before any upstream call."""
+    served = mistral.upstream.requests_served()
+    sdk = anthropic.Anthropic(base_url=mistral.url, api_key=mistral.key, max_retries=0, timeout=20)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk.messages.create(
+            model="mistral-test",
+            max_tokens=50,
+            output_config={"effort": effort},
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    message = caught.value.body["error"]["message"]
+    assert message == f"output_config.effort: this model has no effort level {effort!r}: use 'high'"
+    assert mistral.upstream.requests_served() == served
+
+
+def test_an_effort_of_high_on_messages_reaches_mistral_as_its_reasoning_effort(mistral):
+    sdk = anthropic.Anthropic(base_url=mistral.url, api_key=mistral.key, max_retries=0, timeout=20)
+    reply = sdk.messages.create(
+        model="mistral-test",
+        max_tokens=50,
+        output_config={"effort": "high"},
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    assert reply.content[0].text == "Echo: hi"
+    assert mistral.upstream.requests[-1]["body"]["reasoning_effort"] == "high"
 
 
 WEATHER_TOOL = {
