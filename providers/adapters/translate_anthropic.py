@@ -911,7 +911,8 @@ def _effort(request: dict[str, Any], efforts: tuple[str, ...] | None = None) -> 
     """The ``reasoning_effort`` a Messages request asks for: its ``output_config.effort`` (how much effort the model
     puts in; with adaptive thinking, how much it thinks), else its thinking budget's (``reasoning_effort_for``).
     Thinking ``disabled`` asks for none, whatever the effort: the client said the model does not reason. An effort
-    not among ``efforts`` (those the provider has) is refused."""
+    not among ``efforts`` (those the provider has) is refused naming ``output_config.effort``, and a budget whose
+    effort is not, naming ``thinking.budget_tokens``."""
     thinking = request.get("thinking")
     from_thinking = reasoning_effort_for(thinking)
     limit = request.get("max_tokens")
@@ -921,6 +922,23 @@ def _effort(request: dict[str, Any], efforts: tuple[str, ...] | None = None) -> 
     config = request.get("output_config")
     effort = config.get("effort") if isinstance(config, dict) else None
     if effort is None:
+        if from_thinking is not None and efforts is not None and from_thinking not in efforts:
+            # A budget whose level the provider has not (Mistral's ``high`` alone): refused naming the client's field,
+            # with the least budget that reaches a level it has, rather than sent to meet a refusal of another name.
+            reached = [name for name in efforts if name in THINKING_BUDGETS]
+            remedy = (
+                f"give one of {min(THINKING_BUDGETS[name] for name in reached)} or more (effort "
+                + " or ".join(repr(name) for name in reached)
+                + ")"
+                if reached
+                else "this model takes no thinking budget"
+            )
+            raise _refused(
+                f"this model has no effort level {from_thinking!r}, which a budget of {thinking['budget_tokens']} "
+                f"reaches: {remedy}",
+                "thinking.budget_tokens",
+                "unsupported_value",
+            )
         return from_thinking
     if effort not in EFFORTS:
         raise _refused(

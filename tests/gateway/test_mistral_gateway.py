@@ -281,6 +281,32 @@ def test_an_effort_mistral_has_not_on_messages_is_a_400_naming_the_clients_field
     assert mistral.upstream.requests_served() == served
 
 
+@pytest.mark.parametrize("budget", [1024, 2048, 4095])
+def test_a_thinking_budget_below_mistrals_effort_on_messages_is_a_400_naming_it(mistral, budget):
+    """An enabled thinking budget becomes the ``reasoning_effort`` it reaches (``low`` under 2048, ``medium`` under
+    4096), which Mistral has not: Mistral's 422 came back as a 400 naming ``reasoning_effort``, a field the client never
+    sent. It names the client's ``thinking.budget_tokens`` and the least budget of the level Mistral has, before any
+    upstream call; 4096 or more is Mistral's ``high``."""
+    served = mistral.upstream.requests_served()
+    sdk = anthropic.Anthropic(base_url=mistral.url, api_key=mistral.key, max_retries=0, timeout=20)
+    thinking = {"type": "enabled", "budget_tokens": budget}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk.messages.create(
+            model="mistral-test", max_tokens=8192, thinking=thinking, messages=[{"role": "user", "content": "hi"}]
+        )
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("thinking.budget_tokens: ") and "4096" in message and "'high'" in message
+    assert "reasoning_effort" not in message
+    assert mistral.upstream.requests_served() == served
+
+    thinking["budget_tokens"] = 4096
+    reply = sdk.messages.create(
+        model="mistral-test", max_tokens=8192, thinking=thinking, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.content[-1].text == "Echo: hi"
+    assert mistral.upstream.requests[-1]["body"]["reasoning_effort"] == "high"
+
+
 def test_an_effort_of_high_on_messages_reaches_mistral_as_its_reasoning_effort(mistral):
     sdk = anthropic.Anthropic(base_url=mistral.url, api_key=mistral.key, max_retries=0, timeout=20)
     reply = sdk.messages.create(
