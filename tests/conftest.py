@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 
 __all__ = ["free_port"]  # the tests' servers take their ports from llmhub.testing.ports
 
+# Bytecode is written, whatever the environment says: with this machine's (and the image's, Dockerfile)
+# PYTHONDONTWRITEBYTECODE=1 no .pyc was left behind, so each pytest-xdist worker of each phase rewrote the
+# asserts of every test module it collected and compiled them again (35 CPU-s to collect the suite, 16 s from
+# the cache), and so did each server or command a test starts with this environment for the project's modules
+# it imports. The workers and those processes inherit it; __pycache__ is ignored by git and by the image.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 pytest_plugins = ["tests.fixtures_upstreams", "tests.fixtures_webhook", "tests.fixtures_broker"]
 
