@@ -47,7 +47,8 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
         "period_instants(tick=False, only=names): run the test once at each of PERIOD_INSTANTS (or those named), "
-        "with this process's clock pinned there (tick=True: started there and running)",
+        "with this process's clock pinned there (tick=True: started there and running); only=(): not at all, for a "
+        "test of a module so marked that reads no clock",
     )
     _flush_retrying_deadlocks()
 
@@ -74,7 +75,7 @@ def python_argv(clock: datetime | None, module: str, *args: str) -> list[str]:
 
 def pytest_generate_tests(metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("period_instants")
-    if marker is not None:
+    if marker is not None and marker.kwargs.get("only", PERIOD_INSTANTS):
         names = marker.kwargs.get("only", PERIOD_INSTANTS)
         params = [pytest.param(PERIOD_INSTANTS[name], id=name) for name in names]
         metafunc.parametrize("period_clock", params, indirect=True)

@@ -281,6 +281,7 @@ async def test_a_request_admitted_before_the_month_ended_settles_into_that_month
         assert (await acquire(account, "new-month")).max_tokens == 50
 
 
+@pytest.mark.period_instants(only=())  # reads no clock: once, not once an instant
 def test_periods_are_utc_days_months_or_forever():
     moment = datetime(2026, 2, 28, 23, 30, tzinfo=UTC)
     assert period_bounds("daily", moment) == (
@@ -294,6 +295,7 @@ def test_periods_are_utc_days_months_or_forever():
     assert CounterRef.from_key(ref.key) == ref
 
 
+@pytest.mark.period_instants(only=())  # reads no clock: once, not once an instant
 def test_a_request_names_the_counters_of_its_utc_period_to_the_microsecond():
     """The counters' period starts are cached per whole second: the last microsecond of a month and of a day, seen
     in UTC or in another zone, still name that month's and that day's counters, and the next microsecond the next."""
@@ -317,6 +319,7 @@ def test_a_request_names_the_counters_of_its_utc_period_to_the_microsecond():
         ]
 
 
+@pytest.mark.period_instants(only=())  # reads no clock: once, not once an instant
 def test_usd_shows_small_amounts():
     assert [usd(Decimal(v)) for v in ("0", "12.5", "0.5", "0.0123", "0.00005", "0.0000000001")] == [
         "$0.00",

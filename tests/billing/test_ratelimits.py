@@ -50,6 +50,7 @@ async def acquire(
     )
 
 
+@pytest.mark.period_instants(only=())  # reads no clock: once, not once an instant
 @pytest.mark.parametrize(
     ("ms", "text"),
     [
@@ -300,6 +301,7 @@ async def test_websocket_messages_go_through_the_same_limits(store, socket_user,
         await socket.disconnect(timeout=10)
 
 
+@pytest.mark.period_instants(only=())  # reads no clock: once, not once an instant
 def test_retry_after_never_exceeds_the_window():
     """Two server processes stamp window entries with their own clocks; one may compute a wait a few
     milliseconds past the window (seen as `Retry-After: 61` in the two-process test). It is capped."""
@@ -351,6 +353,7 @@ async def test_a_429_carries_the_exact_wait_in_retry_after_ms(store, account):
     assert headers["x-ratelimit-reset-requests"] == "250ms"
 
 
+@pytest.mark.period_instants(only=())  # reads no clock: once, not once an instant
 def test_every_answer_with_retry_after_carries_retry_after_ms():
     """An upstream's own wait passed on, a server shutting down, the database down: the same wait in ms."""
     from chat.pipeline import ServerShuttingDownError
