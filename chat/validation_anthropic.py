@@ -13,12 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from core.text import has_lone_surrogate
-from providers.adapters.translate_anthropic import FORCED_TOOL_CHOICES, THINKING_ON
+from providers.adapters.translate_anthropic import FORCED_TOOL_CHOICES, STANDARD_ONLY, THINKING_ON
 
 from .validation import MAX_MESSAGES, MAX_TOKENS_LIMIT, InvalidRequestError, _check_json_values, _is_int, _is_number
 
 ROLES = ("user", "assistant")
 TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
+# Anthropic's service tiers (its 400 for another value): judged for any model, as a translated one had another
+# dropped without a word and served at its project's default tier.
+SERVICE_TIERS = ("auto", STANDARD_ONLY)
 
 
 def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
@@ -150,6 +153,8 @@ def validate_messages_request(body: Any) -> None:
                 # Anthropic's rule, for any model: a call names its tool, and could mean either.
                 _fail(f"Tool names must be unique ({tool['name']} is given twice)", "tools")
             names.add(tool["name"])
+    if body.get("service_tier") is not None and body["service_tier"] not in SERVICE_TIERS:
+        _fail("Input should be 'auto' or 'standard_only'", "service_tier")
     for name in ("metadata", "thinking"):
         if body.get(name) is not None and not isinstance(body[name], dict):
             _fail("Input should be a valid dictionary", name, "invalid_type")

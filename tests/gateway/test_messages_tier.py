@@ -12,6 +12,7 @@ import pytest
 from providers.models import Deployment, ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_cache_write_ledger import anthropic_client
+from tests.gateway.test_messages_api import refused_before_any_upstream_call
 from tests.gateway.test_tier_ledger import assert_charged
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -93,3 +94,17 @@ def test_a_server_of_other_tiers_is_sent_no_tier_for_standard_only(gateway, stre
 
     assert tier_sent(gateway) is None
     assert usage.service_tier == "priority"
+
+
+@pytest.mark.parametrize("model", ["claude-test", "gpt-test", "gpt-openai"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("asked", ["priority", "default", 1])
+def test_a_tier_anthropic_does_not_take_is_refused_before_any_upstream_call(openai_itself, model, stream, asked):
+    """Anthropic's ``service_tier`` is ``auto`` or ``standard_only`` (its 400 ``invalid_request_error`` for another);
+    a translated model had any other value dropped without a word (served at the project's default) and a Claude
+    deployment was sent it for Anthropic's 400 after the call. Every model refuses it before any upstream call, in
+    Anthropic's shape naming the field, with the ``rejected`` row of the other field errors."""
+    gateway = openai_itself
+    body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "service_tier": asked}
+    message = refused_before_any_upstream_call(gateway, {**body, "stream": stream})
+    assert message == "service_tier: Input should be 'auto' or 'standard_only'"
