@@ -10,7 +10,8 @@ answers); tools their ``function_declarations`` with the JSON schema as given
 ``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400); ``reasoning_effort``
 a ``thinking_config`` budget (``GEMINI_THINKING_BUDGETS``, Google's own, by Claude's rule ``thinking_budget``:
 another value is a 400, not dropped) with
-``include_thoughts``, so that the thought summaries come back as ``reasoning_content`` (``none``: no thinking).
+``include_thoughts``, so that the thought summaries come back as ``reasoning_content`` (``none``: no thinking, a 400
+for a Pro model, which always thinks: ``always_thinks``).
 Gemini has no logit bias, so a non-empty ``logit_bias`` is a 400 rather than a bias silently not applied (the
 adapter's ``unhonoured_refused``, before this translation); and no way to ask for one tool call a turn, so
 ``parallel_tool_calls: false`` is kept on the answer: a choice carries its first call only (the model asks for the
@@ -56,10 +57,15 @@ _FINISH: dict[str, str] = {
 # OpenAI's reasoning_effort → Gemini's thinking budget in tokens: the values Google's own OpenAI compatibility
 # gives Gemini 2.5 (low 1K, medium 8K, high 24K; ``none`` turns thinking off), not Claude's (``THINKING_BUDGETS``,
 # whose medium and high are a quarter and a sixth of these), each within every 2.5 model's range (Pro 128 to 32768,
-# Flash 0 to 24576, Flash-Lite 512 to 24576). Gemini 3 models take a budget too, for backwards compatibility; a model
-# that cannot honour one (turning off a Pro model's thinking) answers Google's 400. Looked up, and an effort without
-# a budget refused, by Claude's rule (``thinking_budget``).
+# Flash 0 to 24576, Flash-Lite 512 to 24576). Gemini 3 models take a budget too, for backwards compatibility. Looked
+# up, and an effort without a budget refused, by Claude's rule (``thinking_budget``).
 GEMINI_THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
+# Gemini's Pro models since 2.5 always think: 2.5 Pro's budget is 128 to 32768 (Google's 400 for 0), and 3 Pro's
+# thinking cannot be turned off. Told apart by the model's id as Google names it (``gemini-2.5-pro``,
+# ``gemini-2.5-pro-preview-06-05``, ``gemini-3-pro-preview``); ``none`` is refused for them before any call
+# (``_thinking_budget``). Pro models before 2.5 did not think.
+_PRO_MODEL = re.compile(r"(?:^|/)gemini-(?P<version>\d+(?:\.\d+)?)-pro(?:-|$)")
+_ALWAYS_THINKS_SINCE = 2.5
 # The ``reasoning_effort`` levels Gemini has a thinking budget for.
 THINKING_EFFORTS = tuple(GEMINI_THINKING_BUDGETS)
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
@@ -70,6 +76,28 @@ def _invalid(message: str, param: str, code: str = "invalid_value") -> ProviderB
 
 
 # Request ------------------------------------------------------------------------------------------------------
+
+
+def always_thinks(model: str) -> bool:
+    """Whether Gemini's ``model`` (its id) cannot turn its thinking off: a Pro model of 2.5 or later."""
+    found = _PRO_MODEL.search(model)
+    return found is not None and float(found["version"]) >= _ALWAYS_THINKS_SINCE
+
+
+def _thinking_budget(effort: str, model: str) -> int:
+    """The thinking budget of ``reasoning_effort`` for ``model`` (``thinking_budget``'s rule with Gemini's table); for
+    ``none`` of a model that always thinks, a 400 naming ``reasoning_effort`` and the levels it takes, not a budget
+    of 0 sent for Google's 400 after the call."""
+    budget = thinking_budget(effort, "Gemini", ProviderBadRequestError, GEMINI_THINKING_BUDGETS)
+    if budget == 0 and always_thinks(model):
+        raise _invalid(
+            f"{model} cannot turn its thinking off (effort 'none'): use one of "
+            + ", ".join(repr(name) for name, tokens in GEMINI_THINKING_BUDGETS.items() if tokens)
+            + ".",
+            "reasoning_effort",
+            "unsupported_value",
+        )
+    return budget
 
 
 def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +123,7 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
             config[theirs] = body[ours]
     effort = body.get("reasoning_effort")
     if effort is not None:
-        budget = thinking_budget(effort, "Gemini", ProviderBadRequestError, GEMINI_THINKING_BUDGETS)
+        budget = _thinking_budget(effort, str(body.get("model") or ""))
         # Asked to reason, the model's thought summaries come back too (``reasoning_content``), as reasoning does
         # from OpenAI-compatible servers; without ``include_thoughts`` Gemini bills its thinking and shows none.
         config["thinking_config"] = (

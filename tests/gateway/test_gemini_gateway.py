@@ -379,3 +379,44 @@ def test_more_stop_sequences_than_gemini_takes_are_refused_naming_stop_sequences
 
     assert sdk.messages.create(**request, stop_sequences=SIX_STOPS[:5]).type == "message"
     assert gemini.upstream.requests[-1]["body"]["generationConfig"]["stopSequences"] == SIX_STOPS[:5]
+
+
+@pytest.mark.parametrize("upstream_id", ["gemini-2.5-pro", "gemini-2.5-pro-preview-06-05", "gemini-3-pro-preview"])
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_reasoning_effort_none_is_refused_for_a_gemini_pro_model_before_any_call(gemini, upstream_id, endpoint):
+    """Gemini's Pro models cannot turn their thinking off (2.5 Pro's budget is 128 to 32768, 3 Pro's thinking is always
+    on): ``none`` became ``thinkingBudget`` 0 and Google's 400 came back after the call. It is refused before any call,
+    naming the client's field (``reasoning.effort`` on /v1/responses) and the levels the model takes."""
+    ModelFactory(
+        name="gemini-pro-test",
+        provider=ProviderFactory(name="fake-gemini-pro", kind=ProviderKind.GEMINI, base_url=gemini.upstream.base_url),
+        upstream_id=upstream_id,
+    )
+    served = gemini.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        if endpoint == "chat":
+            gemini.client().chat.completions.create(
+                model="gemini-pro-test", messages=[{"role": "user", "content": "hi"}], reasoning_effort="none"
+            )
+        else:
+            gemini.client().responses.create(model="gemini-pro-test", input="hi", reasoning={"effort": "none"})
+    error = caught.value.body
+    param = "reasoning_effort" if endpoint == "chat" else "reasoning.effort"
+    assert (error["param"], error["code"]) == (param, "unsupported_value")
+    assert "cannot turn its thinking off" in error["message"] and "'low'" in error["message"]
+    assert gemini.upstream.requests_served() == served
+
+
+@pytest.mark.parametrize("upstream_id", ["gemini-2.5-flash", "gemini-2.5-flash-lite"])
+def test_reasoning_effort_none_turns_a_gemini_flash_models_thinking_off(gemini, upstream_id):
+    """A model that can stop thinking (2.5 Flash, Flash-Lite) is sent ``thinkingBudget`` 0 for ``none``, as before."""
+    ModelFactory(
+        name="gemini-flash-test",
+        provider=ProviderFactory(name="fake-gemini-flash", kind=ProviderKind.GEMINI, base_url=gemini.upstream.base_url),
+        upstream_id=upstream_id,
+    )
+    gemini.client().chat.completions.create(
+        model="gemini-flash-test", messages=[{"role": "user", "content": "hi"}], reasoning_effort="none"
+    )
+    thinking = gemini.upstream.requests[-1]["body"]["generationConfig"]["thinkingConfig"]
+    assert thinking in ({"thinkingBudget": 0}, {"thinking_budget": 0})
