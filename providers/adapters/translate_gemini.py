@@ -187,7 +187,7 @@ def _contents(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
                     f"`{where}` answers a tool call this conversation does not contain.", f"{where}.tool_call_id"
                 )
             content = message.get("content") or ""
-            _parts(content, where)  # a part Gemini cannot take is refused here as in any message
+            _tool_parts_checked(content, where)
             output = message_text(content)  # its text parts as one text, as OpenAI reads them
             parts = [{"function_response": {"name": name, "response": {"output": output}}}]
             gemini_role = "user"
@@ -219,6 +219,20 @@ def _parts(content: Any, where: str) -> list[dict[str, Any]]:
         else:
             raise _invalid(f"`{where}.content` has a part Gemini cannot take ({kind!r}).", f"{where}.content")
     return parts
+
+
+def _tool_parts_checked(content: Any, where: str) -> None:
+    """A tool message's content, whose text alone Gemini's ``function_response`` takes: a part of another type (an
+    image, as Claude's tool_result takes) is refused naming it, not dropped (the model would answer as if the tool had
+    shown nothing); OpenAI's spec allows text parts alone there."""
+    for index, part in enumerate(content if isinstance(content, list) else ()):
+        if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text":
+            raise _invalid(
+                f"Gemini takes a tool's result as text only, and `{where}.content[{index}]` is a {part['type']!r}"
+                " part: give the tool's text there, and an attachment in a user message.",
+                f"{where}.content[{index}].type",
+            )
+    _parts(content, where)  # any other part Gemini cannot take is refused as in any message
 
 
 def _image_part(url: Any, where: str) -> dict[str, Any]:

@@ -420,3 +420,30 @@ def test_reasoning_effort_none_turns_a_gemini_flash_models_thinking_off(gemini, 
     )
     thinking = gemini.upstream.requests[-1]["body"]["generationConfig"]["thinkingConfig"]
     assert thinking in ({"thinkingBudget": 0}, {"thinking_budget": 0})
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+    ],
+    ids=["image", "audio"],
+)
+def test_a_tool_messages_part_that_is_not_text_is_refused_for_gemini_not_dropped(gemini, part):
+    """A tool message's result reaches Gemini as its function response's text: an image part in it (a screenshot
+    tool's) was dropped without a word, the model answering as if the tool had shown nothing. It is refused before any
+    call, naming the part's type (Claude's translation takes it, in its tool_result, so chat validation does not)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "see the map"}, part]},
+    ]
+    served = gemini.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        gemini.client().chat.completions.create(model="gemini-test", messages=messages, tools=[tool])
+    assert caught.value.body["param"] == "messages[2].content[1].type"
+    assert repr(part["type"]) in caught.value.body["message"]
+    assert gemini.upstream.requests_served() == served
