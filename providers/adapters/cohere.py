@@ -12,12 +12,13 @@ translation is tested without a server. Cohere's finish reasons: ``COMPLETE``/``
 output was withheld, which is what ``content_filter`` tells an OpenAI client); ``ERROR`` is a failure of the
 provider, raised as one. Cohere cannot be told to call one tool a turn, so ``parallel_tool_calls: false`` is kept on
 the answer (its first call only, whole or streamed, ``max_tool_calls``), and a tool that is not a function (chat
-completions' free-form ``custom``) has no Cohere form: refused. ``reasoning_effort`` is Cohere's ``thinking``
-(``_thinking``): its reasoning models think by default, ``none`` turns it off, another level is a ``token_budget``,
-Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking`` content, streamed in ``content.thinking``
-deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of reasoning models give theirs, and an
-assistant turn sent back with it has it as a ``thinking`` content item before its text, as Cohere's assistant messages
-take the thinking of an earlier turn.
+completions' free-form ``custom``) has no Cohere form: refused; nor has a tool message's part other than text (an
+image: Cohere's tool content is text or documents), refused naming it (``common.text_parts_only``), not dropped.
+``reasoning_effort`` is Cohere's ``thinking`` (``_thinking``): its reasoning models think by default, ``none`` turns it
+off, another level is a ``token_budget``, Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking``
+content, streamed in ``content.thinking`` deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of
+reasoning models give theirs, and an assistant turn sent back with it has it as a ``thinking`` content item before its
+text, as Cohere's assistant messages take the thinking of an earlier turn.
 OpenAI's explicit prompt caching (``prompt_cache_options``, a part's ``prompt_cache_breakpoint``) is not sent: Cohere
 caches as it does (its usage's ``cached_tokens``), and a hint that cannot be honoured changes no answer.
 """
@@ -43,6 +44,7 @@ from .base import BaseAdapter, WireChunk
 from .common import (
     POOL_LIMITS,
     TEXT_WITHOUT_LOGPROBS,
+    TOOL_TEXT_REMEDY,
     BatchesAnswered,
     embedding_input_type,
     error_for_failure,
@@ -57,6 +59,7 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
+    text_parts_only,
     unhonoured_refused,
     upstream_deadline,
 )
@@ -345,7 +348,7 @@ def _user_content(content: Any) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _message(message: dict[str, Any]) -> dict[str, Any]:
+def _message(message: dict[str, Any], where: str) -> dict[str, Any]:
     role = message.get("role")
     if role in ("system", "developer"):
         return {"role": "system", "content": message_text(message.get("content"))}
@@ -378,6 +381,10 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
             ]
         return translated
     if role == "tool":
+        # Cohere's tool content is text or documents (its ToolContent): an image is refused, not dropped.
+        text_parts_only(
+            message.get("content"), where, takes="Cohere takes a tool's result as text only", remedy=TOOL_TEXT_REMEDY
+        )
         return {
             "role": "tool",
             "tool_call_id": message.get("tool_call_id"),
@@ -391,7 +398,9 @@ def cohere_request(body: dict[str, Any]) -> dict[str, Any]:
     one_choice_only(body)  # Cohere's chat has no `n`
     request: dict[str, Any] = {
         "model": body["model"],
-        "messages": [_message(message) for message in body.get("messages") or []],
+        "messages": [
+            _message(message, f"messages[{index}]") for index, message in enumerate(body.get("messages") or [])
+        ],
     }
     tools = body.get("tools") or []
     for index, tool in enumerate(tools):

@@ -263,6 +263,25 @@ def message_text(content: Any) -> str:
     return ""
 
 
+# ``text_parts_only``'s remedy for a tool message's part that is not text (Gemini's and Cohere's tool results).
+TOOL_TEXT_REMEDY = "give the tool's text there, and an attachment in a user message"
+
+
+def text_parts_only(content: Any, where: str, *, takes: str, remedy: str) -> None:
+    """A 400 for a part other than text in ``content``, the message at ``where``, for a provider that takes that
+    message as text alone (``takes``: "Gemini takes a tool's result as text only") where the gateway's validation
+    takes other parts (a tool message's image, which Claude's tool_result takes): naming
+    ``{where}.content[M].type`` and what to do instead (``remedy``), where the translation's ``message_text``
+    would drop the part without a word and the model answer as if it had never been sent."""
+    for index, part in enumerate(content if isinstance(content, list) else ()):
+        if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text":
+            raise ProviderBadRequestError(
+                f"{takes}, and `{where}.content[{index}]` is a {part['type']!r} part: {remedy}.",
+                param=f"{where}.content[{index}].type",
+                code="invalid_value",
+            )
+
+
 # OpenAI's request-level prompt-caching hints an upstream without OpenAI's cache controls is not sent
 # (``prompt_cache_hints_dropped``); ``prompt_cache_key`` only where it means nothing.
 PROMPT_CACHE_HINTS = frozenset({"prompt_cache_options", "prompt_cache_retention"})

@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
-from .common import message_text
+from .common import TOOL_TEXT_REMEDY, message_text, text_parts_only
 from .translate_anthropic import thinking_budget
 
 _FINISH: dict[str, str] = {
@@ -225,13 +225,7 @@ def _tool_parts_checked(content: Any, where: str) -> None:
     """A tool message's content, whose text alone Gemini's ``function_response`` takes: a part of another type (an
     image, as Claude's tool_result takes) is refused naming it, not dropped (the model would answer as if the tool had
     shown nothing); OpenAI's spec allows text parts alone there."""
-    for index, part in enumerate(content if isinstance(content, list) else ()):
-        if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text":
-            raise _invalid(
-                f"Gemini takes a tool's result as text only, and `{where}.content[{index}]` is a {part['type']!r}"
-                " part: give the tool's text there, and an attachment in a user message.",
-                f"{where}.content[{index}].type",
-            )
+    text_parts_only(content, where, takes="Gemini takes a tool's result as text only", remedy=TOOL_TEXT_REMEDY)
     _parts(content, where)  # any other part Gemini cannot take is refused as in any message
 
 

@@ -364,3 +364,21 @@ def test_a_cohere_models_reasoning_given_back_is_its_thinking_on_the_next_turn(c
     sent = cohere_gateway.upstream.requests[-1]["body"]["messages"]
     assert [message["role"] for message in sent] == ["user", "assistant", "user"]
     assert sent[1]["content"] == thinking_then_text
+
+
+def test_a_tool_messages_image_part_is_refused_for_cohere_before_any_call(cohere_gateway):
+    """A screenshot tool's result (an image part in the tool message) reached Cohere as its text alone, the image
+    dropped without a word; Cohere's tool content takes no image, so it is a 400 naming the part before any call."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "see the map"}, image]},
+    ]
+    served = cohere_gateway.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        cohere_gateway.client().chat.completions.create(model="command-test", messages=messages, tools=[WEATHER_TOOL])
+    assert caught.value.body["param"] == "messages[2].content[1].type"
+    assert "'image_url'" in caught.value.body["message"]
+    assert cohere_gateway.upstream.requests_served() == served

@@ -155,6 +155,30 @@ def test_a_content_part_cohere_cannot_take_is_a_bad_request():
         cohere_request({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})
 
 
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": PNG_URL}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+    ],
+    ids=["image", "audio"],
+)
+def test_a_tool_messages_part_that_is_not_text_is_refused_naming_it_not_dropped(part):
+    """Cohere's tool message takes text or document items (its ToolContent), no image: the translation kept the
+    text parts alone, and the model answered as if the tool had shown nothing. A part of another type is refused
+    naming it, as Gemini's is (``common.text_parts_only``)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "Weather here?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "see the map"}, part]},
+    ]
+    with pytest.raises(ProviderBadRequestError) as caught:
+        cohere_request({"model": MODEL, "messages": messages, "tools": [WEATHER_TOOL]})
+    assert caught.value.param == "messages[2].content[1].type"
+    assert repr(part["type"]) in str(caught.value)
+
+
 # Translation: Cohere v2 → OpenAI chat ------------------------------------------------------------------
 
 
