@@ -2,7 +2,8 @@
 
 The request side builds the keyword arguments of google-genai's ``models.generate_content`` (plain dicts
 in the SDK's snake_case spelling, which its pydantic types accept): system and developer messages become
-``system_instruction``; the turns become ``contents`` (roles ``user`` and ``model``; an assistant's tool
+``system_instruction`` (text only, as Google takes it: a part of another type is a 400 naming it,
+``common.text_parts_only``); the turns become ``contents`` (roles ``user`` and ``model``; an assistant's tool
 calls ``function_call`` parts, a tool message a ``function_response`` part named after the call it
 answers); tools their ``function_declarations`` with the JSON schema as given
 (``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
@@ -166,7 +167,11 @@ def _contents(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
             raise _invalid(f"`{where}` must be an object.", where)
         role = message.get("role")
         if role in ("system", "developer"):
-            system.extend(part["text"] for part in _parts(message.get("content"), where) if "text" in part)
+            # Gemini's ``system_instruction`` takes text only (Google: "only text should be used in parts"): an
+            # image there is refused naming it, not dropped.
+            content = message.get("content")
+            text_parts_only(content, where, takes=f"Gemini takes a {role} message as text only", remedy=_SYSTEM_REMEDY)
+            system.extend(part["text"] for part in _parts(content, where))
             continue
         if role == "user":
             parts = _parts(message.get("content"), where)
@@ -219,6 +224,10 @@ def _parts(content: Any, where: str) -> list[dict[str, Any]]:
         else:
             raise _invalid(f"`{where}.content` has a part Gemini cannot take ({kind!r}).", f"{where}.content")
     return parts
+
+
+# ``text_parts_only``'s remedy for a system or developer message's part that is not text.
+_SYSTEM_REMEDY = "give the instructions as text there, and an attachment in a user message"
 
 
 def _tool_parts_checked(content: Any, where: str) -> None:

@@ -447,3 +447,28 @@ def test_a_tool_messages_part_that_is_not_text_is_refused_for_gemini_not_dropped
     assert caught.value.body["param"] == "messages[2].content[1].type"
     assert repr(part["type"]) in caught.value.body["message"]
     assert gemini.upstream.requests_served() == served
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+    ],
+    ids=["image", "audio"],
+)
+def test_a_system_messages_part_that_is_not_text_is_refused_for_gemini_not_dropped(gemini, role, part):
+    """Gemini's ``systemInstruction`` takes text only (Google: "only text should be used in parts"): an image part
+    of a system or developer message was dropped without a word, the model answering without the picture it was
+    told to go by. It is refused before any call, naming the part's type, as a tool message's is."""
+    messages = [
+        {"role": role, "content": [{"type": "text", "text": "Answer in the style of this picture."}, part]},
+        {"role": "user", "content": "hi"},
+    ]
+    served = gemini.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        gemini.client().chat.completions.create(model="gemini-test", messages=messages)
+    assert caught.value.body["param"] == "messages[0].content[1].type"
+    assert repr(part["type"]) in caught.value.body["message"]
+    assert gemini.upstream.requests_served() == served
