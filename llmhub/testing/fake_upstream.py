@@ -139,7 +139,9 @@ Replies
     after one of the 5-minute TTL (``"5m"`` or none) in that order (``_anthropic_cache_ttl_misordered``), with
     Anthropic's 400 and words. On the
     Gemini routes, unless ``thinkingBudget`` is 0, its words are billed as ``thoughtsTokenCount``, and with
-    ``includeThoughts`` the text comes before the answer as a ``thought`` part (streamed: in pieces of its own).
+    ``includeThoughts`` the text comes before the answer as a ``thought`` part (streamed: in pieces of its own);
+    a ``thinkingBudget`` of 0 for a Pro model since 2.5 (``gemini-2.5-pro…``, ``gemini-3-pro…``), which only thinks,
+    is Google's 400 INVALID_ARGUMENT, "Budget 0 is invalid. This model only works in thinking mode."
     ``[[reasoning=some text]]`` (OpenAI only) answers that text as the model's reasoning before its reply, as
     OpenAI-compatible servers of reasoning models do: in the message's ``reasoning_content`` (DeepSeek, vLLM), or
     with ``[[reasoning_field=reasoning]]`` in its ``reasoning`` (OpenRouter, Ollama); streamed in that field of the
@@ -3062,6 +3064,9 @@ class _App:
                 "* GenerateContentRequest.generation_config.candidate_count: "
                 f"must be between 1 and {_GEMINI_MAX_CANDIDATES}.",
             )
+        refused = _gemini_thinking_refused(model, config)
+        if refused is not None:
+            return refused
         stop = config.get("stopSequences") or []
         reply = _build_reply(
             conv, _gemini_tool(body), _int_or_none(config.get("maxOutputTokens")), list(stop), "", self.demo
@@ -3309,6 +3314,9 @@ def _content_limit(fault: str | None) -> int | None:
 
 _GEMINI_CONTEXT_WINDOW = 1_048_576
 _GEMINI_MAX_CANDIDATES = 8  # generationConfig.candidateCount, as the Gemini 2.x models take it
+# A Pro model since 2.5 (``gemini-2.5-pro``, ``gemini-2.5-pro-preview-06-05``, ``gemini-3-pro-preview``), which always
+# thinks: Google refuses a ``thinkingBudget`` of 0 for it (``_gemini_thinking_refused``).
+_GEMINI_ALWAYS_THINKS = re.compile(r"gemini-(?P<version>\d+(?:\.\d+)?)-pro(?:-|$)")
 _GEMINI_FINISH: dict[str, str] = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS", "tool": "STOP"}
 _GEMINI_STATUS: dict[int, str] = {
     400: "INVALID_ARGUMENT",
@@ -3338,6 +3346,18 @@ def _gemini_error(status: int, message: str, details: list[dict[str, Any]] | Non
     if details:
         error["details"] = details
     return web.json_response({"error": error}, status=status)
+
+
+def _gemini_thinking_refused(model: str, config: dict[str, Any]) -> web.Response | None:
+    """Google's 400 for a ``thinkingBudget`` of 0 (thinking off) asked of a Pro model since 2.5, which only thinks;
+    None for a request it takes (a Flash model's 0 turns its thinking off)."""
+    thinking = config.get("thinkingConfig") if isinstance(config.get("thinkingConfig"), dict) else {}
+    if thinking.get("thinkingBudget", thinking.get("thinking_budget")) != 0:
+        return None
+    pro = _GEMINI_ALWAYS_THINKS.match(model)
+    if pro is None or float(pro["version"]) < 2.5:
+        return None
+    return _gemini_error(400, "Budget 0 is invalid. This model only works in thinking mode.")
 
 
 def _gemini_key_invalid() -> web.Response:

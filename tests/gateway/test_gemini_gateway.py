@@ -472,3 +472,32 @@ def test_a_system_messages_part_that_is_not_text_is_refused_for_gemini_not_dropp
     assert caught.value.body["param"] == "messages[0].content[1].type"
     assert repr(part["type"]) in caught.value.body["message"]
     assert gemini.upstream.requests_served() == served
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        {"thinking": {"type": "disabled"}},
+        {"thinking": {"type": "adaptive"}},
+        {"thinking": {"type": "enabled", "budget_tokens": 1024}},
+        {"output_config": {"effort": "low"}},
+        {"thinking": {"type": "disabled"}, "output_config": {"effort": "high"}},
+    ],
+    ids=["disabled", "adaptive", "enabled", "effort", "disabled-with-effort"],
+)
+def test_a_messages_request_to_a_gemini_pro_model_never_sends_a_thinking_budget_of_0(gemini, asked):
+    """Google refuses ``thinkingBudget`` 0 for a Pro model (it only thinks), as the fake upstream does: ``none``
+    is refused first (``translate_gemini.always_thinks``), and no other way a client asks (the Messages API's
+    thinking disabled, adaptive or enabled, or an effort) comes to 0: thinking disabled sends no budget, the
+    model thinking as it does, and the others a budget it takes."""
+    ModelFactory(
+        name="gemini-pro-test",
+        provider=ProviderFactory(name="fake-gemini-pro", kind=ProviderKind.GEMINI, base_url=gemini.upstream.base_url),
+        upstream_id="gemini-2.5-pro",
+    )
+    sdk = anthropic.Anthropic(base_url=gemini.url, api_key=gemini.key, max_retries=0, timeout=20)
+    request = {"model": "gemini-pro-test", "max_tokens": 2048, "messages": [{"role": "user", "content": "hi"}]}
+    assert sdk.messages.create(**request, **asked).type == "message"
+    config = gemini.upstream.requests[-1]["body"].get("generationConfig") or {}
+    thinking = config.get("thinkingConfig") or {}
+    assert thinking.get("thinkingBudget", thinking.get("thinking_budget")) != 0

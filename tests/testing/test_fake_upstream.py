@@ -1666,6 +1666,30 @@ def test_gemini_answers_candidate_count_candidates_streamed_or_not(genai_client,
     assert (caught.value.code, caught.value.status) == (400, "INVALID_ARGUMENT")
 
 
+@pytest.mark.parametrize(
+    "model", ["gemini-2.5-pro", "gemini-2.5-pro-preview-06-05", "gemini-3-pro-preview", "gemini-3.1-pro-preview"]
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_gemini_refuses_a_thinking_budget_of_0_for_a_pro_model_as_google_does(genai_client, model, stream) -> None:
+    """A Pro model since 2.5 always thinks: Google answers ``thinkingBudget`` 0 with its 400 INVALID_ARGUMENT,
+    "Budget 0 is invalid. This model only works in thinking mode.", which the fake took, so a translation sending it
+    would pass its tests. A budget it takes (and 0 for a Flash model, whose thinking it turns off) is answered."""
+    from google.genai import errors
+
+    def ask(model: str, budget: int) -> object:
+        config = {"thinking_config": {"thinking_budget": budget}}
+        if stream:
+            return list(genai_client.models.generate_content_stream(model=model, contents="[[words=3]]", config=config))
+        return genai_client.models.generate_content(model=model, contents="[[words=3]]", config=config)
+
+    with pytest.raises(errors.ClientError) as caught:
+        ask(model, 0)
+    assert (caught.value.code, caught.value.status) == (400, "INVALID_ARGUMENT")
+    assert caught.value.message == "Budget 0 is invalid. This model only works in thinking mode."
+    assert ask(model, 1024)
+    assert ask("gemini-2.5-flash", 0)
+
+
 # -- Mistral's routes: OpenAI's protocol, strict about its fields ----------------------------------------------
 
 
