@@ -13,7 +13,8 @@ output was withheld, which is what ``content_filter`` tells an OpenAI client); `
 provider, raised as one. Cohere cannot be told to call one tool a turn, so ``parallel_tool_calls: false`` is kept on
 the answer (its first call only, whole or streamed, ``max_tool_calls``), and a tool that is not a function (chat
 completions' free-form ``custom``) has no Cohere form: refused; nor has a tool message's part other than text (an
-image: Cohere's tool content is text or documents), refused naming it (``common.text_parts_only``), not dropped.
+image: Cohere's tool content is text or documents), nor of a system or developer message (Cohere's is text alone),
+each refused naming it (``common.text_parts_only``), not dropped.
 ``reasoning_effort`` is Cohere's ``thinking`` (``_thinking``): its reasoning models think by default, ``none`` turns it
 off, another level is a ``token_budget``, Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking``
 content, streamed in ``content.thinking`` deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of
@@ -43,6 +44,7 @@ from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
     POOL_LIMITS,
+    SYSTEM_TEXT_REMEDY,
     TEXT_WITHOUT_LOGPROBS,
     TOOL_TEXT_REMEDY,
     BatchesAnswered,
@@ -351,6 +353,13 @@ def _user_content(content: Any) -> str | list[dict[str, Any]]:
 def _message(message: dict[str, Any], where: str) -> dict[str, Any]:
     role = message.get("role")
     if role in ("system", "developer"):
+        # Cohere's system message is text alone (its SystemMessageV2): an image is refused, not dropped.
+        text_parts_only(
+            message.get("content"),
+            where,
+            takes=f"Cohere takes a {role} message as text only",
+            remedy=SYSTEM_TEXT_REMEDY,
+        )
         return {"role": "system", "content": message_text(message.get("content"))}
     if role == "user":
         return {"role": "user", "content": _user_content(message.get("content"))}

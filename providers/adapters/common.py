@@ -263,8 +263,10 @@ def message_text(content: Any) -> str:
     return ""
 
 
-# ``text_parts_only``'s remedy for a tool message's part that is not text (Gemini's and Cohere's tool results).
+# ``text_parts_only``'s remedies for a part that is not text in a tool message (Gemini's and Cohere's tool results)
+# and in a system or developer message (Gemini's ``systemInstruction``, Cohere's system message).
 TOOL_TEXT_REMEDY = "give the tool's text there, and an attachment in a user message"
+SYSTEM_TEXT_REMEDY = "give the instructions as text there, and an attachment in a user message"
 
 
 def text_parts_only(content: Any, where: str, *, takes: str, remedy: str) -> None:

@@ -41,7 +41,7 @@ import time
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
-from .common import TOOL_TEXT_REMEDY, message_text, text_parts_only
+from .common import SYSTEM_TEXT_REMEDY, TOOL_TEXT_REMEDY, message_text, text_parts_only
 from .translate_anthropic import thinking_budget
 
 _FINISH: dict[str, str] = {
@@ -170,7 +170,9 @@ def _contents(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
             # Gemini's ``system_instruction`` takes text only (Google: "only text should be used in parts"): an
             # image there is refused naming it, not dropped.
             content = message.get("content")
-            text_parts_only(content, where, takes=f"Gemini takes a {role} message as text only", remedy=_SYSTEM_REMEDY)
+            text_parts_only(
+                content, where, takes=f"Gemini takes a {role} message as text only", remedy=SYSTEM_TEXT_REMEDY
+            )
             system.extend(part["text"] for part in _parts(content, where))
             continue
         if role == "user":
@@ -224,10 +226,6 @@ def _parts(content: Any, where: str) -> list[dict[str, Any]]:
         else:
             raise _invalid(f"`{where}.content` has a part Gemini cannot take ({kind!r}).", f"{where}.content")
     return parts
-
-
-# ``text_parts_only``'s remedy for a system or developer message's part that is not text.
-_SYSTEM_REMEDY = "give the instructions as text there, and an attachment in a user message"
 
 
 def _tool_parts_checked(content: Any, where: str) -> None:

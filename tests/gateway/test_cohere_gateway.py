@@ -382,3 +382,19 @@ def test_a_tool_messages_image_part_is_refused_for_cohere_before_any_call(cohere
     assert caught.value.body["param"] == "messages[2].content[1].type"
     assert "'image_url'" in caught.value.body["message"]
     assert cohere_gateway.upstream.requests_served() == served
+
+
+def test_a_system_messages_image_part_is_refused_for_cohere_before_any_call(cohere_gateway):
+    """Cohere's system message is text alone: an image part there was dropped without a word, the model answering
+    without the picture it was told to go by. It is a 400 naming the part before any call."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Answer in the style of this picture."}, image]},
+        {"role": "user", "content": "hi"},
+    ]
+    served = cohere_gateway.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        cohere_gateway.client().chat.completions.create(model="command-test", messages=messages)
+    assert caught.value.body["param"] == "messages[0].content[1].type"
+    assert "'image_url'" in caught.value.body["message"]
+    assert cohere_gateway.upstream.requests_served() == served
