@@ -365,7 +365,8 @@ def _message(message: dict[str, Any], where: str) -> dict[str, Any]:
         return {"role": "user", "content": _user_content(message.get("content"))}
     if role == "assistant":
         translated: dict[str, Any] = {"role": "assistant"}
-        text = message_text(message.get("content"))
+        # A ``refusal`` part is what the model said when it refused: the turn's text, as Claude's translation sends it.
+        text = message_text(message.get("content"), refusals=True)
         thought = message.get("reasoning_content")
         if isinstance(thought, str) and thought:
             # What a reasoning model thought (the reply's ``reasoning_content``) goes back as Cohere's assistant

@@ -246,19 +246,23 @@ def assistant_fields_dropped(body: dict[str, Any], names: frozenset[str]) -> dic
     }
 
 
-def message_text(content: Any) -> str:
+def message_text(content: Any, *, refusals: bool = False) -> str:
     """The text of an OpenAI message's ``content``, for a provider that takes one text where OpenAI takes parts (a
     tool message's result, Gemini's ``function_response`` and Cohere's tool content; Cohere's system and assistant
     text): a string as it is, a list's ``text`` parts concatenated as OpenAI reads them, with nothing put between
     (a client that split a text mid-line or mid-word meant it whole, and one that wanted a break wrote it), other
-    parts left to the caller; anything else ``""``."""
+    parts left to the caller; anything else ``""``. With ``refusals`` (an assistant message, whose parts OpenAI's
+    spec types as text or ``refusal``: ChatCompletionRequestAssistantMessageContentPart), a ``refusal`` part's text is
+    read in its place too, as Claude's translation sends it on as text: what the model said when it refused is part
+    of the turn it is shown again."""
+    kinds = ("text", "refusal") if refusals else ("text",)
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return "".join(
-            part["text"]
+            part[part["type"]]
             for part in content
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            if isinstance(part, dict) and part.get("type") in kinds and isinstance(part.get(part["type"]), str)
         )
     return ""
 

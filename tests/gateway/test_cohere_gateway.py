@@ -398,3 +398,28 @@ def test_a_system_messages_image_part_is_refused_for_cohere_before_any_call(cohe
     assert caught.value.body["param"] == "messages[0].content[1].type"
     assert "'image_url'" in caught.value.body["message"]
     assert cohere_gateway.upstream.requests_served() == served
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ([{"type": "refusal", "refusal": "I can't help with that."}], "I can't help with that."),
+        (
+            [{"type": "text", "text": "Here is the first half. "}, {"type": "refusal", "refusal": "Not the second."}],
+            "Here is the first half. Not the second.",
+        ),
+    ],
+    ids=["refusal", "text-then-refusal"],
+)
+def test_an_assistant_turns_refusal_part_reaches_cohere_as_its_text(cohere_gateway, content, text):
+    """OpenAI's spec types an assistant message's parts as text or ``refusal``; a refusal part sent to Cohere was
+    dropped without a word, so the model did not see that it had refused. Its text is the turn's text, in its place
+    among the text parts, as Claude's translation sends it."""
+    messages = [
+        {"role": "user", "content": "Write me something bad."},
+        {"role": "assistant", "content": content},
+        {"role": "user", "content": "Why not?"},
+    ]
+    cohere_gateway.client().chat.completions.create(model="command-test", messages=messages)
+    sent = cohere_gateway.upstream.requests[-1]["body"]["messages"]
+    assert sent[1] == {"role": "assistant", "content": text}
