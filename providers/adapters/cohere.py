@@ -333,11 +333,13 @@ def _int_or_none(value: Any) -> int | None:
 # OpenAI chat → Cohere v2
 
 
-def _user_content(content: Any) -> str | list[dict[str, Any]]:
+def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A user message's content as Cohere's (text and image items); a part of another type (a sound, a file) is a 400
+    naming it, ``{where}.content[M].type``, as the other translations name a part they cannot take."""
     if not isinstance(content, list):
         return message_text(content)
     parts: list[dict[str, Any]] = []
-    for part in content:
+    for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             parts.append({"type": "text", "text": part.get("text", "")})
@@ -346,7 +348,12 @@ def _user_content(content: Any) -> str | list[dict[str, Any]]:
             url = image.get("url") if isinstance(image, dict) else image
             parts.append({"type": "image_url", "image_url": {"url": url}})
         else:
-            raise ProviderBadRequestError(f"Cohere does not take a content part of type {kind!r}.", param="messages")
+            raise ProviderBadRequestError(
+                f"Cohere takes a user message's text and images only, and `{where}.content[{index}]` is a {kind!r} "
+                "part.",
+                param=f"{where}.content[{index}].type",
+                code="unsupported_value",
+            )
     return parts
 
 
@@ -362,7 +369,7 @@ def _message(message: dict[str, Any], where: str) -> dict[str, Any]:
         )
         return {"role": "system", "content": message_text(message.get("content"))}
     if role == "user":
-        return {"role": "user", "content": _user_content(message.get("content"))}
+        return {"role": "user", "content": _user_content(message.get("content"), where)}
     if role == "assistant":
         translated: dict[str, Any] = {"role": "assistant"}
         # A ``refusal`` part is what the model said when it refused: the turn's text, as Claude's translation sends it.

@@ -423,3 +423,28 @@ def test_an_assistant_turns_refusal_part_reaches_cohere_as_its_text(cohere_gatew
     cohere_gateway.client().chat.completions.create(model="command-test", messages=messages)
     sent = cohere_gateway.upstream.requests[-1]["body"]["messages"]
     assert sent[1] == {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        {"type": "file", "file": {"filename": "notes.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}},
+    ],
+    ids=["audio", "file"],
+)
+def test_a_user_part_cohere_cannot_take_is_a_400_naming_the_part(cohere_gateway, part):
+    """Cohere's user message takes text and images: a sound or a file was refused naming only ``messages``, where the
+    other translations name the part's path. The 400 names ``messages[N].content[M].type`` and the part's type,
+    before any call."""
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "What is in this?"}, part]},
+    ]
+    served = cohere_gateway.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        cohere_gateway.client().chat.completions.create(model="command-test", messages=messages)
+    assert caught.value.body["param"] == "messages[1].content[1].type"
+    assert repr(part["type"]) in caught.value.body["message"]
+    assert "messages[1].content[1]" in caught.value.body["message"]
+    assert cohere_gateway.upstream.requests_served() == served
