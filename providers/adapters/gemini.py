@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from ..exceptions import ProviderBadRequestError, ProviderError, ProviderMalformedReplyError
 from ..outbound import OutboundRefused
-from ..types import ProviderConfig, UpstreamModel
+from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
     EMBEDDING_INPUT_TYPES,
@@ -55,6 +55,7 @@ from .translate_gemini import (
     StreamTranslator,
     completion_from_response,
     gemini_request,
+    thinking_off_refused,
 )
 
 DEFAULT_API_VERSION = "v1beta"
@@ -96,6 +97,15 @@ class GeminiAdapter(BaseAdapter):
                 httpx_async_client=self._http,
             ),
         )
+
+    def prepare_request(self, body: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+        """As every adapter's, and ``reasoning_effort`` ``none`` refused for a model that always thinks, named as the
+        client knows it (``model.name``), where the translation would know only its upstream id
+        (``thinking_off_refused``)."""
+        prepared = super().prepare_request(body, model)
+        with refusal_named(self.config):
+            thinking_off_refused(prepared, model.name)
+        return prepared
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         with refusal_named(self.config):

@@ -12,7 +12,7 @@ answers); tools their ``function_declarations`` with the JSON schema as given
 a ``thinking_config`` budget (``GEMINI_THINKING_BUDGETS``, Google's own, by Claude's rule ``thinking_budget``:
 another value is a 400, not dropped) with
 ``include_thoughts``, so that the thought summaries come back as ``reasoning_content`` (``none``: no thinking, a 400
-for a Pro model, which always thinks: ``always_thinks``).
+for a Pro model, which always thinks: ``always_thinks``, refused naming the public model, ``thinking_off_refused``).
 Gemini has no logit bias, so a non-empty ``logit_bias`` is a 400 rather than a bias silently not applied (the
 adapter's ``unhonoured_refused``, before this translation); and no way to ask for one tool call a turn, so
 ``parallel_tool_calls: false`` is kept on the answer: a choice carries its first call only (the model asks for the
@@ -64,7 +64,7 @@ GEMINI_THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 81
 # Gemini's Pro models since 2.5 always think: 2.5 Pro's budget is 128 to 32768 (Google's 400 for 0), and 3 Pro's
 # thinking cannot be turned off. Told apart by the model's id as Google names it (``gemini-2.5-pro``,
 # ``gemini-2.5-pro-preview-06-05``, ``gemini-3-pro-preview``); ``none`` is refused for them before any call
-# (``_thinking_budget``). Pro models before 2.5 did not think.
+# (``thinking_off_refused``). Pro models before 2.5 did not think.
 _PRO_MODEL = re.compile(r"(?:^|/)gemini-(?P<version>\d+(?:\.\d+)?)-pro(?:-|$)")
 _ALWAYS_THINKS_SINCE = 2.5
 # The ``reasoning_effort`` levels Gemini has a thinking budget for.
@@ -85,20 +85,23 @@ def always_thinks(model: str) -> bool:
     return found is not None and float(found["version"]) >= _ALWAYS_THINKS_SINCE
 
 
-def _thinking_budget(effort: str, model: str) -> int:
-    """The thinking budget of ``reasoning_effort`` for ``model`` (``thinking_budget``'s rule with Gemini's table); for
-    ``none`` of a model that always thinks, a 400 naming ``reasoning_effort`` and the levels it takes, not a budget
-    of 0 sent for Google's 400 after the call."""
-    budget = thinking_budget(effort, "Gemini", ProviderBadRequestError, GEMINI_THINKING_BUDGETS)
-    if budget == 0 and always_thinks(model):
+def thinking_off_refused(body: dict[str, Any], name: str) -> None:
+    """For ``reasoning_effort`` ``none`` (a budget of 0) asked of a model that always thinks (``body["model"]``, its
+    upstream id: ``always_thinks``), a 400 naming ``reasoning_effort``, the levels the model takes and the model as
+    ``name``, the public name the client asked for, not a budget of 0 sent for Google's 400 after the call. Not the
+    upstream id: a deployment may serve ``smart`` on ``gemini-2.5-pro``, an id the client never sent and the admin
+    may keep to itself. Checked where the public model is known (``GeminiAdapter.prepare_request``)."""
+    effort = body.get("reasoning_effort")
+    if not isinstance(effort, str) or GEMINI_THINKING_BUDGETS.get(effort) != 0:
+        return
+    if always_thinks(str(body.get("model") or "")):
         raise _invalid(
-            f"{model} cannot turn its thinking off (effort 'none'): use one of "
-            + ", ".join(repr(name) for name, tokens in GEMINI_THINKING_BUDGETS.items() if tokens)
+            f"{name} cannot turn its thinking off (effort {effort!r}): use one of "
+            + ", ".join(repr(level) for level, tokens in GEMINI_THINKING_BUDGETS.items() if tokens)
             + ".",
             "reasoning_effort",
             "unsupported_value",
         )
-    return budget
 
 
 def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +127,7 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
             config[theirs] = body[ours]
     effort = body.get("reasoning_effort")
     if effort is not None:
-        budget = _thinking_budget(effort, str(body.get("model") or ""))
+        budget = thinking_budget(effort, "Gemini", ProviderBadRequestError, GEMINI_THINKING_BUDGETS)
         # Asked to reason, the model's thought summaries come back too (``reasoning_content``), as reasoning does
         # from OpenAI-compatible servers; without ``include_thoughts`` Gemini bills its thinking and shows none.
         config["thinking_config"] = (

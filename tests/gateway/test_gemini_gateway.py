@@ -386,7 +386,9 @@ def test_more_stop_sequences_than_gemini_takes_are_refused_naming_stop_sequences
 def test_reasoning_effort_none_is_refused_for_a_gemini_pro_model_before_any_call(gemini, upstream_id, endpoint):
     """Gemini's Pro models cannot turn their thinking off (2.5 Pro's budget is 128 to 32768, 3 Pro's thinking is always
     on): ``none`` became ``thinkingBudget`` 0 and Google's 400 came back after the call. It is refused before any call,
-    naming the client's field (``reasoning.effort`` on /v1/responses) and the levels the model takes."""
+    naming the client's field (``reasoning.effort`` on /v1/responses), the levels the model takes and the model by
+    the name the client sent: until 7 December it named the deployment's upstream id, which the client never sent
+    and an admin may keep to itself."""
     ModelFactory(
         name="gemini-pro-test",
         provider=ProviderFactory(name="fake-gemini-pro", kind=ProviderKind.GEMINI, base_url=gemini.upstream.base_url),
@@ -404,6 +406,7 @@ def test_reasoning_effort_none_is_refused_for_a_gemini_pro_model_before_any_call
     param = "reasoning_effort" if endpoint == "chat" else "reasoning.effort"
     assert (error["param"], error["code"]) == (param, "unsupported_value")
     assert "cannot turn its thinking off" in error["message"] and "'low'" in error["message"]
+    assert error["message"].startswith("gemini-pro-test ") and upstream_id not in error["message"]
     assert gemini.upstream.requests_served() == served
 
 
