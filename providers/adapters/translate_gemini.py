@@ -2,9 +2,9 @@
 
 The request side builds the keyword arguments of google-genai's ``models.generate_content`` (plain dicts
 in the SDK's snake_case spelling, which its pydantic types accept): system and developer messages become
-``system_instruction`` (text only, as Google takes it: a part of another type is a 400 naming it,
-``common.text_parts_only``); the turns become ``contents`` (roles ``user`` and ``model``; an assistant's tool
-calls ``function_call`` parts, a tool message a ``function_response`` part named after the call it
+``system_instruction``, one part per text part, each exact (text only, as Google takes it: a part of another type is
+a 400 naming it, ``common.text_parts_only``); the turns become ``contents`` (roles ``user`` and ``model``; an
+assistant's tool calls ``function_call`` parts, a tool message a ``function_response`` part named after the call it
 answers); tools their ``function_declarations`` with the JSON schema as given
 (``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
 ``Schema`` subset); ``tool_choice`` a ``function_calling_config``; ``logprobs`` and ``top_logprobs``
@@ -114,7 +114,7 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
         raise _invalid("Gemini needs at least one user or assistant message besides the system prompt.", "messages")
     config: dict[str, Any] = {}
     if system:
-        config["system_instruction"] = "\n\n".join(system)
+        config["system_instruction"] = {"parts": system}
     for ours, theirs in (
         ("temperature", "temperature"),
         ("top_p", "top_p"),
@@ -160,8 +160,8 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
     return {"model": str(body.get("model") or ""), "contents": contents, "config": config}
 
 
-def _contents(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    system: list[str] = []
+def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}
     for index, message in enumerate(messages):
@@ -176,7 +176,10 @@ def _contents(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
             text_parts_only(
                 content, where, takes=f"Gemini takes a {role} message as text only", remedy=SYSTEM_TEXT_REMEDY
             )
-            system.extend(part["text"] for part in _parts(content, where))
+            # One part of the instruction per text part, each as the client wrote it: Gemini reads them in order, as
+            # OpenAI concatenates a message's parts, and nothing is put between (a blank line was, until 7 December).
+            # An empty part says nothing (and a lone empty system message was never sent).
+            system.extend(part for part in _parts(content, where) if part["text"])
             continue
         if role == "user":
             parts = _parts(message.get("content"), where)

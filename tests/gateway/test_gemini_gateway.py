@@ -504,3 +504,31 @@ def test_a_messages_request_to_a_gemini_pro_model_never_sends_a_thinking_budget_
     config = gemini.upstream.requests[-1]["body"].get("generationConfig") or {}
     thinking = config.get("thinkingConfig") or {}
     assert thinking.get("thinkingBudget", thinking.get("thinking_budget")) != 0
+
+
+def test_a_system_messages_text_parts_reach_gemini_each_as_written(gemini):
+    """A system message's text parts were joined with a blank line between them, where OpenAI concatenates a message's
+    parts with nothing between (a client that split a text mid-word meant it whole). Each text part is one part of
+    Gemini's ``systemInstruction``, exactly as written, in order, a developer message's after it; an empty one says
+    nothing and is not sent."""
+    messages = [
+        {
+            "role": "system",
+            "content": [
+                {"type": "text", "text": "Answer in Fre"},
+                {"type": "text", "text": "nch, "},
+                {"type": "text", "text": ""},
+                {"type": "text", "text": "briefly."},
+            ],
+        },
+        {"role": "developer", "content": "Sign off as Bot."},
+        {"role": "user", "content": "hi"},
+    ]
+    gemini.client().chat.completions.create(model="gemini-test", messages=messages)
+    instruction = gemini.upstream.requests[-1]["body"]["systemInstruction"]
+    assert instruction["parts"] == [
+        {"text": "Answer in Fre"},
+        {"text": "nch, "},
+        {"text": "briefly."},
+        {"text": "Sign off as Bot."},
+    ]

@@ -96,7 +96,7 @@ def test_system_messages_become_the_system_instruction_and_turns_alternate():
 
     assert request["model"] == "gemini-2.5-flash"
     config = request["config"]
-    assert config["system_instruction"] == "Be brief.\n\nAnswer in French."
+    assert config["system_instruction"] == {"parts": [{"text": "Be brief."}, {"text": "Answer in French."}]}
     assert config["max_output_tokens"] == 50
     assert config["temperature"] == 0.2
     assert config["stop_sequences"] == ["END"]
