@@ -185,7 +185,7 @@ def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
             parts = _parts(message.get("content"), where)
             gemini_role = "user"
         elif role == "assistant":
-            parts = _parts(message.get("content"), where) if message.get("content") else []
+            parts = _parts(message.get("content"), where, refusals=True) if message.get("content") else []
             for call in message.get("tool_calls") or []:
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not function.get("name"):
@@ -215,7 +215,10 @@ def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     return system, contents
 
 
-def _parts(content: Any, where: str) -> list[dict[str, Any]]:
+def _parts(content: Any, where: str, *, refusals: bool = False) -> list[dict[str, Any]]:
+    """A message's content as Gemini's parts. With ``refusals`` (an assistant message, whose parts OpenAI's spec types
+    as text or ``refusal``), a refusal part is a text part, what the model said when it refused, as Claude's and
+    Cohere's translations send it on (``common.message_text``)."""
     if isinstance(content, str):
         return [{"text": content}]
     if not isinstance(content, list):
@@ -225,6 +228,8 @@ def _parts(content: Any, where: str) -> list[dict[str, Any]]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"text": part["text"]})
+        elif kind == "refusal" and refusals and isinstance(part.get("refusal"), str):
+            parts.append({"text": part["refusal"]})
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url

@@ -532,3 +532,24 @@ def test_a_system_messages_text_parts_reach_gemini_each_as_written(gemini):
         {"text": "briefly."},
         {"text": "Sign off as Bot."},
     ]
+
+
+def test_an_assistant_turns_refusal_part_reaches_gemini_as_its_text(gemini):
+    """OpenAI's spec types an assistant message's parts as text or ``refusal``; a conversation given back with one was
+    refused for Gemini (a part it "cannot take"), where Claude's translation sends it on as text. It is a text part of
+    the model's turn, in its place among the others."""
+    messages = [
+        {"role": "user", "content": "Write me something bad."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Here is the first half. "},
+                {"type": "refusal", "refusal": "Not the second."},
+            ],
+        },
+        {"role": "user", "content": "Why not?"},
+    ]
+    gemini.client().chat.completions.create(model="gemini-test", messages=messages)
+    contents = gemini.upstream.requests[-1]["body"]["contents"]
+    parts = [{"text": "Here is the first half. "}, {"text": "Not the second."}]
+    assert contents[1] == {"role": "model", "parts": parts}
