@@ -218,13 +218,14 @@ def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
 def _parts(content: Any, where: str, *, refusals: bool = False) -> list[dict[str, Any]]:
     """A message's content as Gemini's parts. With ``refusals`` (an assistant message, whose parts OpenAI's spec types
     as text or ``refusal``), a refusal part is a text part, what the model said when it refused, as Claude's and
-    Cohere's translations send it on (``common.message_text``)."""
+    Cohere's translations send it on (``common.message_text``). A part Gemini cannot take (a sound, a file) is a 400
+    naming it, ``{where}.content[M].type``, as the other translations name a part."""
     if isinstance(content, str):
         return [{"text": content}]
     if not isinstance(content, list):
         raise _invalid(f"`{where}.content` must be a string or an array of parts.", f"{where}.content")
     parts = []
-    for part in content:
+    for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"text": part["text"]})
@@ -235,7 +236,11 @@ def _parts(content: Any, where: str, *, refusals: bool = False) -> list[dict[str
             url = url.get("url") if isinstance(url, dict) else url
             parts.append(_image_part(url, where))
         else:
-            raise _invalid(f"`{where}.content` has a part Gemini cannot take ({kind!r}).", f"{where}.content")
+            raise _invalid(
+                f"`{where}.content[{index}]` is a {kind!r} part, which Gemini cannot take here.",
+                f"{where}.content[{index}].type",
+                "unsupported_value",
+            )
     return parts
 
 

@@ -553,3 +553,31 @@ def test_an_assistant_turns_refusal_part_reaches_gemini_as_its_text(gemini):
     contents = gemini.upstream.requests[-1]["body"]["contents"]
     parts = [{"text": "Here is the first half. "}, {"text": "Not the second."}]
     assert contents[1] == {"role": "model", "parts": parts}
+
+
+@pytest.mark.parametrize(
+    ("role", "part"),
+    [
+        ("user", {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}),
+        (
+            "user",
+            {"type": "file", "file": {"filename": "notes.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}},
+        ),
+        ("user", {"type": "refusal", "refusal": "no"}),
+    ],
+    ids=["audio", "file", "user-refusal"],
+)
+def test_a_part_gemini_cannot_take_is_a_400_naming_the_part(gemini, role, part):
+    """A part the translation has no Gemini form for was refused naming the whole ``messages[N].content``, where the
+    other translations name the part. The 400 names ``messages[N].content[M].type`` and the part's type, before any
+    call."""
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": role, "content": [{"type": "text", "text": "What is in this?"}, part]},
+    ]
+    served = gemini.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        gemini.client().chat.completions.create(model="gemini-test", messages=messages)
+    assert caught.value.body["param"] == "messages[1].content[1].type"
+    assert repr(part["type"]) in caught.value.body["message"]
+    assert gemini.upstream.requests_served() == served
