@@ -14,6 +14,7 @@ provider, raised as one. Cohere cannot be told to call one tool a turn, so ``par
 the answer (its first call only, whole or streamed, ``max_tool_calls``), and a tool that is not a function (chat
 completions' free-form ``custom``) has no Cohere form: refused; nor has a tool message's part other than text (an
 image: Cohere's tool content is text or documents), nor of a system or developer message (Cohere's is text alone),
+nor of an assistant message but text and ``refusal`` (Cohere's is text and thinking; a refusal's text is the turn's),
 each refused naming it (``common.text_parts_only``), not dropped.
 ``reasoning_effort`` is Cohere's ``thinking`` (``_thinking``): its reasoning models think by default, ``none`` turns it
 off, another level is a ``token_budget``, Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking``
@@ -43,6 +44,7 @@ from ..outbound import OutboundRefused, plain_outbound_client
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
+    ASSISTANT_TEXT_REMEDY,
     POOL_LIMITS,
     SYSTEM_TEXT_REMEDY,
     TEXT_WITHOUT_LOGPROBS,
@@ -372,6 +374,14 @@ def _message(message: dict[str, Any], where: str) -> dict[str, Any]:
         return {"role": "user", "content": _user_content(message.get("content"), where)}
     if role == "assistant":
         translated: dict[str, Any] = {"role": "assistant"}
+        # Cohere's assistant content is text (and thinking): an image is refused, not dropped.
+        text_parts_only(
+            message.get("content"),
+            where,
+            takes="Cohere takes an assistant message as text only",
+            remedy=ASSISTANT_TEXT_REMEDY,
+            refusals=True,
+        )
         # A ``refusal`` part is what the model said when it refused: the turn's text, as Claude's translation sends it.
         text = message_text(message.get("content"), refusals=True)
         thought = message.get("reasoning_content")

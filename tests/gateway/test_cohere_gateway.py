@@ -448,3 +448,21 @@ def test_a_user_part_cohere_cannot_take_is_a_400_naming_the_part(cohere_gateway,
     assert repr(part["type"]) in caught.value.body["message"]
     assert "messages[1].content[1]" in caught.value.body["message"]
     assert cohere_gateway.upstream.requests_served() == served
+
+
+def test_an_assistant_messages_image_part_is_refused_for_cohere_before_any_call(cohere_gateway):
+    """Cohere's assistant message is text (and thinking): an image part there, which chat validation takes, was
+    dropped without a word, the model shown a turn other than the one the client sent. It is a 400 naming the part
+    before any call, as a system or tool message's is."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [
+        {"role": "user", "content": "Draw me a cat."},
+        {"role": "assistant", "content": [{"type": "text", "text": "Here it is:"}, image]},
+        {"role": "user", "content": "Make it bigger."},
+    ]
+    served = cohere_gateway.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        cohere_gateway.client().chat.completions.create(model="command-test", messages=messages)
+    assert caught.value.body["param"] == "messages[1].content[1].type"
+    assert "'image_url'" in caught.value.body["message"]
+    assert cohere_gateway.upstream.requests_served() == served
