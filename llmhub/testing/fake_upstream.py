@@ -56,13 +56,15 @@ Endpoints
     embeddings' ``dimensions``, …; an assistant message's field other than ``role``, ``content``, ``tool_calls``
     and ``prefix``, such as another provider's ``reasoning_content`` or ``thinking_blocks``) is a 422 in Mistral's
     shape (``{"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", NAME], …}]},
-    …}``), Mistral's own names are taken (``random_seed``, ``output_dimension``) and so is ``prompt_cache_key``, as
-    Mistral's chat completions take it (since 7 December: until then a 422), and ``reasoning_effort`` and
-    ``guardrails``, as its ``ChatCompletionRequest`` has them (since 7 December: until then a 422), an effort Mistral
-    has not (its ``ReasoningEffort`` is ``none`` or ``high``) its 422 of a value outside the enum (``{"type": "enum",
-    "loc": ["body", "reasoning_effort"], "msg": "Input should be 'none' or 'high'", …}``), a stream always reports its
-    usage, on its
-    last chunk, embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
+    …}``), and so is a content chunk of a type its messages have not (its ``ContentChunk``: text, image_url,
+    document_url, reference, file, thinking, input_audio; a system message's text and thinking), such as OpenAI's
+    ``refusal`` part (``union_tag_invalid``; since 7 December: until then taken), Mistral's own names are taken
+    (``random_seed``, ``output_dimension``) and so is ``prompt_cache_key``, as Mistral's chat completions take it
+    (since 7 December: until then a 422), and ``reasoning_effort`` and ``guardrails``, as its
+    ``ChatCompletionRequest`` has them (since 7 December: until then a 422), an effort Mistral has not (its
+    ``ReasoningEffort`` is ``none`` or ``high``) its 422 of a value outside the enum (``{"type": "enum", "loc":
+    ["body", "reasoning_effort"], "msg": "Input should be 'none' or 'high'", …}``), a stream always reports its
+    usage, on its last chunk, embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
     request``), a tool call's id in the messages (a call's ``id``, a tool message's ``tool_call_id``) must be 9
     letters and digits (else Mistral's 400 ``Tool call id was … but must be a-z, A-Z, 0-9, with a length of 9.``,
     code 3280; since 6 December; the calls it makes have such ids, as Mistral's do, ``D681PevKs``: until 6 December
@@ -1287,6 +1289,47 @@ def _mistral_invalid_effort(body: Any) -> web.Response | None:
     return web.json_response(answer, status=422)
 
 
+# The content chunks Mistral's messages take, by their ``type`` (its OpenAPI document's ``ContentChunk``, a tagged
+# union; a system message's ``SystemMessageContentChunks``): another (OpenAI's ``refusal`` part) is its 422.
+_MISTRAL_CONTENT_CHUNKS = ("text", "image_url", "document_url", "reference", "file", "thinking", "input_audio")
+_MISTRAL_SYSTEM_CHUNKS = ("text", "thinking")
+
+
+def _mistral_content_chunks(body: Any) -> web.Response | None:
+    """Mistral's 422 for a content chunk of its messages of a type it has not (the discriminated union's
+    ``union_tag_invalid``), in the shape of its other validation errors."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    detail = []
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        role = message.get("role") if isinstance(message, dict) else None
+        expected = _MISTRAL_SYSTEM_CHUNKS if role == "system" else _MISTRAL_CONTENT_CHUNKS
+        for position, chunk in enumerate(content if isinstance(content, list) else ()):
+            tag = chunk.get("type") if isinstance(chunk, dict) else None
+            if tag in expected:
+                continue
+            tags = ", ".join(repr(name) for name in expected)
+            detail.append(
+                {
+                    "type": "union_tag_invalid",
+                    "loc": ["body", "messages", index, role, "content", position],
+                    "msg": f"Input tag {tag!r} found using 'type' does not match any of the expected tags: {tags}",
+                    "input": chunk,
+                    "ctx": {"discriminator": "'type'", "tag": str(tag), "expected_tags": tags},
+                }
+            )
+    if not detail:
+        return None
+    answer = {
+        "object": "error",
+        "message": {"detail": detail},
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    return web.json_response(answer, status=422)
+
+
 # A tool call's id as Mistral takes it (in an assistant message's ``tool_calls`` and a tool message's
 # ``tool_call_id``): any other is refused with its 400.
 _MISTRAL_TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
@@ -2039,10 +2082,14 @@ class _App:
 
     async def mistral_chat_completions(self, request: web.Request) -> web.StreamResponse:
         """Mistral's chat completions: OpenAI's answer, but a field Mistral does not take (``stream_options``,
-        ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, …) is a 422, and a stream reports its usage
-        on its last chunk, unasked."""
+        ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, …) or a content chunk of a type it has not (a
+        ``refusal`` part) is a 422, and a stream reports its usage on its last chunk, unasked."""
         body = request[_BODY_KEY]
-        refused = _mistral_extra_fields(body, _MISTRAL_CHAT_FIELDS) or _mistral_invalid_effort(body)
+        refused = (
+            _mistral_extra_fields(body, _MISTRAL_CHAT_FIELDS)
+            or _mistral_invalid_effort(body)
+            or _mistral_content_chunks(body)
+        )
         if refused is not None:
             return refused
         refused = _mistral_last_role(body) or _mistral_tool_call_ids(body)

@@ -267,6 +267,47 @@ def message_text(content: Any, *, refusals: bool = False) -> str:
     return ""
 
 
+def refusals_as_text(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with each ``refusal`` part of its assistant messages (OpenAI's spec types an assistant's parts as text
+    or ``refusal``) a text part of the same text, in its place, for an OpenAI-protocol upstream whose messages have no
+    refusal part: Mistral refuses one with its 422 (its chunks are text, images, documents, thinking...), Ollama with
+    its 400 ``invalid message format`` (text and image_url parts alone). What the model said when it refused is part
+    of the turn it is shown again, as Claude's, Cohere's and Gemini's translations send it on. ``body`` itself when
+    no assistant message has one."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not any(_with_refusal(message) for message in messages):
+        return body
+    return {
+        **body,
+        "messages": [
+            {
+                **message,
+                "content": [
+                    {"type": "text", "text": part["refusal"]} if _is_refusal(part) else part
+                    for part in message["content"]
+                ],
+            }
+            if _with_refusal(message)
+            else message
+            for message in messages
+        ],
+    }
+
+
+def _with_refusal(message: Any) -> bool:
+    """Whether ``message`` is the assistant's and has a ``refusal`` part among its content parts."""
+    return (
+        isinstance(message, dict)
+        and message.get("role") == "assistant"
+        and isinstance(message.get("content"), list)
+        and any(_is_refusal(part) for part in message["content"])
+    )
+
+
+def _is_refusal(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "refusal" and isinstance(part.get("refusal"), str)
+
+
 # ``text_parts_only``'s remedies for a part that is not text in a tool message (Gemini's and Cohere's tool results)
 # and in a system or developer message (Gemini's ``systemInstruction``, Cohere's system message).
 TOOL_TEXT_REMEDY = "give the tool's text there, and an attachment in a user message"

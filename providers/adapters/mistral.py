@@ -16,7 +16,9 @@ are not sent (``prompt_cache_hints_dropped``): Mistral caches as it does, and re
 it), and a /v1/messages ``output_config.effort`` but ``high`` is refused before the call (``messages_efforts``). But
 an assistant message sent back as llmhub answered it has fields OpenAI's replies carry and Mistral's messages lack
 (``refusal``, ``annotations``, the reasoning in ``reasoning_content`` or ``reasoning``): they are left out
-(``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them. A last message of
+(``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them. An assistant message's
+``refusal`` part (OpenAI's spec types an assistant's parts as text or refusal) goes as a text chunk of its text
+(``refusals_as_text``): Mistral's chunks have no refusal, and it refused the request with its 422. A last message of
 the assistant's (a prefill: the text a resumed stream continues, or the client's own) is sent with
 ``"prefix": true`` (``_prefix_marked``): Mistral serves one only as a prefix its reply begins with, and answered
 it without the flag with a 400 (``Expected last role User or Tool (or Assistant with prefix True)``). Its reply
@@ -55,6 +57,7 @@ from .common import (
     one_choice_only,
     prompt_cache_hints_dropped,
     refusal_named,
+    refusals_as_text,
     unhonoured_refused,
 )
 from .openai import _CHAT_PATH, OpenAIAdapter
@@ -93,7 +96,7 @@ class MistralAdapter(OpenAIAdapter):
             },
             _CHAT_RENAMES,
         )
-        request = _tool_call_ids_spelt(_prefix_marked(assistant_fields_dropped(request, _REPLY_ONLY)))
+        request = _tool_call_ids_spelt(_prefix_marked(refusals_as_text(assistant_fields_dropped(request, _REPLY_ONLY))))
         if stream:
             request["stream"] = True
         return request

@@ -205,6 +205,34 @@ def test_an_assistant_message_sent_back_as_llmhub_answered_it_is_taken_by_mistra
     assert sent[2] == messages[2]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_assistant_turns_refusal_part_reaches_mistral_as_its_text(mistral, stream):
+    """OpenAI's spec types an assistant message's parts as text or ``refusal``; Mistral's chunks are text, images,
+    documents, references, thinking..., no refusal (a 422, a 400 to the client, so a conversation in which the model
+    had refused could not go on there). The refusal's text is a text chunk of the turn, in its place among the others,
+    as Claude's, Cohere's and Gemini's translations send it on."""
+    messages = [
+        {"role": "user", "content": "Write me something bad."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Here is the first half. "},
+                {"type": "refusal", "refusal": "Not the second."},
+            ],
+        },
+        {"role": "user", "content": "Why not?"},
+    ]
+    response = mistral.client().chat.completions.create(model="mistral-test", messages=messages, stream=stream)
+    if stream:
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
+    else:
+        text = response.choices[0].message.content
+    assert text == "Echo: Why not?"
+    sent = mistral.upstream.requests[-1]["body"]["messages"]
+    chunks = [{"type": "text", "text": "Here is the first half. "}, {"type": "text", "text": "Not the second."}]
+    assert sent[1] == {"role": "assistant", "content": chunks}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(
     ("prefix", "echoed"),

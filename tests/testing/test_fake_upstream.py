@@ -1756,6 +1756,37 @@ def test_mistral_takes_reasoning_effort_and_guardrails(upstream: FakeUpstream) -
     assert detail["msg"] == "Input should be 'none' or 'high'"
 
 
+def test_mistral_refuses_a_content_chunk_of_a_type_it_has_not_with_its_422(upstream: FakeUpstream) -> None:
+    """Mistral's messages take the chunks of its ``ContentChunk`` (text, image_url, document_url, reference, file,
+    thinking, input_audio), a system message text and thinking: another, such as OpenAI's ``refusal`` part, is its 422
+    naming the chunk; the route took it."""
+    refused = {"type": "refusal", "refusal": "Not that."}
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Write it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Half. "}, refused]},
+        {"role": "user", "content": "Why?"},
+    ]
+    body = {"model": "mistral-small-latest", "messages": messages}
+    status, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
+    assert status == 422, raw
+    [detail] = json.loads(raw)["message"]["detail"]
+    assert (detail["type"], detail["loc"], detail["input"]) == (
+        "union_tag_invalid",
+        ["body", "messages", 2, "assistant", "content", 1],
+        refused,
+    )
+    assert "Input tag 'refusal' found using 'type'" in detail["msg"]
+
+    messages[2]["content"][1] = {"type": "text", "text": "Not that."}
+    status, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "Echo: Why?", raw
+
+    messages[0]["content"].append({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}})
+    status, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
+    assert status == 422 and json.loads(raw)["message"]["detail"][0]["loc"][2:] == [0, "system", "content", 1], raw
+
+
 def test_ollama_answers_one_choice_whatever_n_asked(upstream: FakeUpstream) -> None:
     ollama = openai.OpenAI(base_url=upstream.base_url + "/ollama/v1", api_key="ollama", max_retries=0)
     messages = [{"role": "user", "content": "[[words=3]]"}]
