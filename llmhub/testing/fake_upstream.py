@@ -74,7 +74,9 @@ Endpoints
     it, as this fake did before 6 December). Ollama's, under ``/ollama``
     (``…/ollama/v1``: chat completions, embeddings, models), answered as OpenAI's but, as Ollama does, with one
     choice whatever ``n`` asked, no limit but ``max_tokens``, and a call to a tool given whatever ``tool_choice``
-    says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored). Google
+    says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored), and a
+    content part it does not read (any but text and image_url: a ``refusal``) its 400 ``invalid message format``
+    (since 7 December: until then taken). Google
     Gemini's (v1beta):
     ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
     ``data:`` event, usage on the last; ``generationConfig.candidateCount`` answers that many candidates, 1
@@ -1190,6 +1192,23 @@ def _build_reply(
 # field) and so ignores, where OpenAI would act on them.
 _OLLAMA_IGNORED = frozenset({"n", "max_completion_tokens", "tool_choice", "web_search_options"})
 
+# The content parts Ollama's OpenAI compatibility reads (its ``FromChatRequest``, whatever the message's role): another
+# (OpenAI's ``refusal``, ``input_audio``, ``file``) is its 400 ``invalid message format`` (``_ollama_content_parts``).
+_OLLAMA_CONTENT_PARTS = frozenset({"text", "image_url"})
+
+
+def _ollama_content_parts(body: Any) -> web.Response | None:
+    """Ollama's 400 for a content part it does not read, in the error shape of its OpenAI compatibility (its
+    ``NewError``: no param, no code)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict) or part.get("type") not in _OLLAMA_CONTENT_PARTS:
+                return _openai_error(400, "invalid message format", "invalid_request_error")
+    return None
+
+
 # The request fields Mistral's API takes (its OpenAPI document); any other is refused with a 422.
 _MISTRAL_CHAT_FIELDS = frozenset(
     {
@@ -2139,8 +2158,12 @@ class _App:
         """Ollama's OpenAI-compatible chat: ``n``, ``max_completion_tokens``, ``tool_choice`` and
         ``web_search_options`` are not among the fields it reads (its ``ChatCompletionRequest``, ``openai/openai.go``),
         so it answers one choice whatever ``n`` asked, only ``max_tokens`` limits a reply, the model may call a tool
-        it was given whatever ``tool_choice`` said, and it searches nothing."""
+        it was given whatever ``tool_choice`` said, and it searches nothing; a content part other than text or
+        image_url (a ``refusal``) is its 400 ``invalid message format``."""
         body = request[_BODY_KEY]
+        refused = _ollama_content_parts(body)
+        if refused is not None:
+            return refused
         if isinstance(body, dict) and _OLLAMA_IGNORED.intersection(body):
             request[_BODY_KEY] = {key: value for key, value in body.items() if key not in _OLLAMA_IGNORED}
         return await self.chat_completions(request)

@@ -2,7 +2,8 @@
 silently ignores.
 
 Ollama reads a subset of OpenAI's request fields (its ``ChatCompletionRequest``, ``openai/openai.go``) and
-ignores the rest. Most of those the answer shows for itself; these five it would not, or are left out:
+ignores the rest. Most of those the answer shows for itself; these five it would not, or are left out, and one part
+it refuses is sent as a part it reads:
 
 - ``n``: Ollama answers one choice whatever ``n`` asked, so a request for several is refused with a 400 before
   any call, as the adapters of the other providers without ``n`` do;
@@ -19,7 +20,11 @@ ignores the rest. Most of those the answer shows for itself; these five it would
   it does, and the hint changes no answer;
 - ``parallel_tool_calls: false``: a model may still ask for several calls at once, and a client that sent it
   runs one call a turn. It is kept on the answer instead: each choice carries its first call only, streamed
-  or not (the model asks for the next once it has the first's result).
+  or not (the model asks for the next once it has the first's result);
+- an assistant message's ``refusal`` part (OpenAI's spec types an assistant's parts as text or refusal): Ollama reads
+  text and image_url parts alone, whatever the role, and refuses another with its 400 ``invalid message format``, so
+  its text goes as a text part, in its place (``refusals_as_text``). An image in an assistant message Ollama takes as
+  it is (the message's ``images``, given to the model as a user's are), and it goes as it came.
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ from typing import Any
 from ..exceptions import ProviderBadRequestError
 from ..types import ResolvedModel
 from .base import WireChunk
-from .common import TEXT_ONLY, fields_renamed, one_choice_only, prompt_cache_hints_dropped, unhonoured_refused
+from .common import (
+    TEXT_ONLY,
+    fields_renamed,
+    one_choice_only,
+    prompt_cache_hints_dropped,
+    refusals_as_text,
+    unhonoured_refused,
+)
 from .openai import OpenAIAdapter
 
 _CHAT_RENAMES = {"max_completion_tokens": "max_tokens"}
@@ -46,7 +58,7 @@ class OllamaAdapter(OpenAIAdapter):
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         one_choice_only(body)
-        body = prompt_cache_hints_dropped(unhonoured_refused(body, TEXT_ONLY))
+        body = refusals_as_text(prompt_cache_hints_dropped(unhonoured_refused(body, TEXT_ONLY)))
         return super()._chat_body(fields_renamed(_tool_choice_kept(body), _CHAT_RENAMES), stream=stream)
 
     def _completion_args(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:

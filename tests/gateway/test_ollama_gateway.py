@@ -52,6 +52,34 @@ def test_a_completion_and_a_stream_through_ollama(ollama):
     assert chunks[-1].usage.completion_tokens == 3
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_assistant_turns_refusal_part_reaches_ollama_as_its_text(ollama, stream):
+    """OpenAI's spec types an assistant message's parts as text or ``refusal``; Ollama's OpenAI compatibility reads
+    text and image_url parts alone and refuses another (its 400 ``invalid message format``, naming nothing), so a
+    conversation in which the model had refused could not go on there. The refusal's text is a text part of the turn,
+    in its place among the others, as Claude's, Cohere's and Gemini's translations send it on."""
+    messages = [
+        {"role": "user", "content": "Write me something bad."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Here is the first half. "},
+                {"type": "refusal", "refusal": "Not the second."},
+            ],
+        },
+        {"role": "user", "content": "Why not?"},
+    ]
+    response = ollama.client().chat.completions.create(model="llama-test", messages=messages, stream=stream)
+    if stream:
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
+    else:
+        text = response.choices[0].message.content
+    assert text == "Echo: Why not?"
+    sent = ollama.upstream.requests[-1]["body"]["messages"]
+    parts = [{"type": "text", "text": "Here is the first half. "}, {"type": "text", "text": "Not the second."}]
+    assert sent[1] == {"role": "assistant", "content": parts}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_n_above_1_is_refused_rather_than_answered_with_one_choice(ollama, stream):
     # Ollama reads no `n`: it would answer one choice where the client asked for three, silently.

@@ -1806,6 +1806,30 @@ def test_ollama_limits_a_reply_by_max_tokens_only(upstream: FakeUpstream) -> Non
     assert (limited.usage.completion_tokens, limited.choices[0].finish_reason) == (2, "length")
 
 
+def test_ollama_refuses_a_content_part_it_does_not_read(upstream: FakeUpstream) -> None:
+    """As Ollama's OpenAI compatibility (its ``FromChatRequest``): a message's parts are text or image_url, whatever its
+    role; another, such as an assistant's ``refusal`` part, is its 400 ``invalid message format``. The route took it."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Draw it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Half. "}, image]},
+        {"role": "user", "content": "Why?"},
+    ]
+    body = {"model": "llama3.2", "messages": messages}
+    status, _, raw = http(upstream, "POST", "/ollama/v1/chat/completions", body)
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "Echo: Why?", raw
+
+    messages[1]["content"].append({"type": "refusal", "refusal": "Not the rest."})
+    status, _, raw = http(upstream, "POST", "/ollama/v1/chat/completions", body)
+    assert status == 400, raw
+    assert json.loads(raw)["error"] == {
+        "message": "invalid message format",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
 @pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
 def test_openai_refuses_a_limit_past_what_the_model_writes(oai: openai.OpenAI, name: str) -> None:
     """As OpenAI's: a limit past the model's most (16384 for gpt-4o-mini) is a 400 naming it."""
