@@ -234,7 +234,7 @@ def _parts(content: Any, where: str, *, refusals: bool = False) -> list[dict[str
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            parts.append(_image_part(url, where))
+            parts.append(_image_part(url, f"{where}.content[{index}].image_url.url"))
         else:
             raise _invalid(
                 f"`{where}.content[{index}]` is a {kind!r} part, which Gemini cannot take here.",
@@ -252,19 +252,21 @@ def _tool_parts_checked(content: Any, where: str) -> None:
     _parts(content, where)  # any other part Gemini cannot take is refused as in any message
 
 
-def _image_part(url: Any, where: str) -> dict[str, Any]:
+def _image_part(url: Any, param: str) -> dict[str, Any]:
+    """An image part's URL (at ``param``, ``messages[N].content[M].image_url.url``, which a refusal names as Claude's
+    translation does) as Gemini's inline data."""
     match = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
     if match is None:
         raise _invalid(
-            f"`{where}`: Gemini takes images as base64 data URLs (data:image/png;base64,…) only; "
+            f"`{param}`: Gemini takes images as base64 data URLs (data:image/png;base64,…) only; "
             "it cannot fetch an image from a URL.",
-            f"{where}.content",
+            param,
             code="image_url_not_supported",
         )
     try:
         data = base64.b64decode(match["data"], validate=True)
     except (binascii.Error, ValueError):
-        raise _invalid(f"`{where}`: the image's data URL is not valid base64.", f"{where}.content") from None
+        raise _invalid(f"`{param}`: the image's data URL is not valid base64.", param) from None
     return {"inline_data": {"mime_type": match["mime"] or "image/png", "data": data}}
 
 

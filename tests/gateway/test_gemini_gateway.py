@@ -581,3 +581,31 @@ def test_a_part_gemini_cannot_take_is_a_400_naming_the_part(gemini, role, part):
     assert caught.value.body["param"] == "messages[1].content[1].type"
     assert repr(part["type"]) in caught.value.body["message"]
     assert gemini.upstream.requests_served() == served
+
+
+@pytest.mark.parametrize("role", ["user", "assistant"])
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("https://example.com/cat.png", "image_url_not_supported"),
+        ("data:image/png;base64,not base64!", "invalid_value"),
+    ],
+    ids=["remote", "bad-base64"],
+)
+def test_an_image_gemini_cannot_take_is_a_400_naming_its_url(gemini, role, url, code):
+    """An image URL Gemini cannot take (one it would have to fetch: it takes data URLs only; a data URL that is not
+    base64) was refused naming the whole ``messages[N].content``, where the other parts Gemini refuses, and Claude's
+    translation a refused image, name the part. The 400 names ``messages[N].content[M].image_url.url``, before any
+    call."""
+    image = {"type": "image_url", "image_url": {"url": url}}
+    messages = [
+        {"role": "user", "content": "Look."},
+        {"role": role, "content": [{"type": "text", "text": "This one:"}, image]},
+        {"role": "user", "content": "What is it?"},
+    ]
+    served = gemini.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        gemini.client().chat.completions.create(model="gemini-test", messages=messages)
+    assert (caught.value.body["param"], caught.value.body["code"]) == ("messages[1].content[1].image_url.url", code)
+    assert "messages[1].content[1].image_url.url" in caught.value.body["message"]
+    assert gemini.upstream.requests_served() == served
