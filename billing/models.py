@@ -428,6 +428,18 @@ class RequestReservation(models.Model):
         db_default=0,  # a row an older release inserts during a deploy
         help_text="The web searches reserved (the most the request may run), at the search price in the reserved cost.",
     )
+    resumes = models.PositiveSmallIntegerField(
+        default=0,
+        db_default=0,  # a row an older release inserts during a deploy
+        help_text="The attempts past the first that may answer (a stream resumed on failure), each with its prompt "
+        "reserved.",
+    )
+    prefill_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="The resumed attempts' prefills reserved (the reply so far, at most the client's output limit "
+        "each); empty when llmhub picked the limit: one a resume for each completion token reserved.",
+    )
     admitted_at = models.DateTimeField(help_text="On the server's clock: the period its spend belongs to.")
     # On the database's clock, like the heartbeats, so that a record is never judged against a heartbeat
     # its process had no time to write yet.

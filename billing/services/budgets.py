@@ -213,6 +213,10 @@ class Charge:
     # The most web searches the request may run (``web_searches_bound``), in ``fixed_cost`` at the search price: what
     # a ``lost`` row, charged the reservation, records as its searches (``counters._lost_row``).
     web_searches: int = 0
+    # The attempts past the first that may answer (a stream resumed on failure), each reserved its prompt and a
+    # prefill of the reply so far: what a ``lost`` row, charged the reservation, records as its prompt
+    # (``lost_prompt_tokens``).
+    resumes: int = 0
 
 
 def requested_max_tokens(body: Mapping[str, object]) -> int | None:
@@ -302,7 +306,16 @@ def charge_for(
             service_tier=tier,
         )
         return Charge(
-            fixed + searches_cost, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit, searches
+            fixed + searches_cost,
+            Decimal(0),
+            max_tokens,
+            cap,
+            prompt_tokens,
+            choices,
+            likely,
+            client_limit,
+            searches,
+            resumes,
         )
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
@@ -321,7 +334,18 @@ def charge_for(
         choices,
         likely,
         web_searches=searches,
+        resumes=resumes,
     )
+
+
+def lost_prompt_tokens(*, prompt_tokens: int, resumes: int, prefill_tokens: int | None, tokens: int) -> int:
+    """The prompt tokens a request's reservation holds, as a ``lost`` row (charged that reservation) records them:
+    the prompt of each attempt that may answer, ``prompt_tokens`` once and once more for each of ``resumes``, and
+    each resumed attempt's prefill (``charge_for``): ``prefill_tokens`` when the client set the output limit, else
+    priced per completion token reserved, the reserved ``tokens`` past the prompt, once a resume."""
+    completion = max(tokens - prompt_tokens, 0)
+    prefill = resumes * completion if prefill_tokens is None else prefill_tokens
+    return prompt_tokens * (1 + resumes) + prefill
 
 
 def _web_searches_cost(model: ResolvedModel, searches: int) -> Decimal:

@@ -69,6 +69,7 @@ from .budgets import (
     charge_check,
     charge_clamp,
     expected_spend,
+    lost_prompt_tokens,
     period_bounds,
     quota_error,
     window_tokens,
@@ -1221,7 +1222,16 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int, spooled: SpoolIndex) 
     if row is None and (waiting := spooled.row(record["request_id"])) is not None:
         row = waiting.cost, waiting.prompt_tokens, waiting.completion_tokens
     if row is None:
-        prompt = int(record.get("prompt_tokens") or 0)
+        # Each attempt's prompt the reservation holds (a stream resumed on failure reserves several), so that its
+        # tokens priced are what it is charged, as a resumed row's are (a record an older release wrote has none).
+        one_prompt = int(record.get("prompt_tokens") or 0)
+        prefill = record.get("prefill_tokens")
+        prompt = lost_prompt_tokens(
+            prompt_tokens=one_prompt,
+            resumes=int(record.get("resumes") or 0),
+            prefill_tokens=None if prefill is None else int(prefill),
+            tokens=tokens,
+        )
         # Its user, key, provider or model may have been deleted since: the row keeps the names and the cost.
         references = {
             "user_id": get_user_model(),
@@ -1245,7 +1255,7 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int, spooled: SpoolIndex) 
                     endpoint=record.get("endpoint") or "",
                     stream=bool(record.get("stream")),
                     prompt_tokens=prompt,
-                    completion_tokens=max(tokens - prompt, 0),
+                    completion_tokens=max(tokens - one_prompt, 0),
                     # Charged in ``cost``, as its tokens are: it may have run them all (a record an older
                     # release wrote has none).
                     web_search_requests=int(record.get("web_search_requests") or 0),
@@ -1343,7 +1353,7 @@ def _database_lost_settle(now: datetime, spooled: SpoolIndex, failed: list[str])
 
 def _database_lost_settle_one(pk: int, now: datetime, spooled: SpoolIndex) -> int:
     fields = ("request_id", "user_id", "api_key_id", "provider_id", "model_id", "provider_name", "model_name")
-    fields += ("endpoint", "stream", "prompt_tokens", "web_search_requests", "admitted_at")
+    fields += ("endpoint", "stream", "prompt_tokens", "resumes", "prefill_tokens", "web_search_requests", "admitted_at")
     settled = RequestReservation.objects.filter(pk=pk).values_list("request_id", "settled_row").first()
     if settled is not None and settled[1] is not None:
         # Settled by its process, which died before committing the row: the row is written from the record,

@@ -36,13 +36,15 @@ from billing.models import (
     UsageRecord,
     UsageStatus,
 )
+from billing.pricing import cost_for
 from billing.services.budgets import CounterRef, api_key_limits_set
-from billing.services.counters import budget_counters_reconcile, counter_state
+from billing.services.counters import budget_counters_reconcile, counter_state, inflight_lost_settle
 from billing.services.inflight import INFLIGHT_PREFIX, INSTANCES_KEY
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from billing.services.rollups import daily_usage_rebuild
-from providers.models import Deployment
+from providers.models import CatalogModel, Deployment
+from providers.tokens import prompt_tokens
 from tests.billing.conftest import counter_unreconcilable
 from tests.billing.test_concurrency import MAX_TOKENS, RESERVATION, key_ref, ledger_sum, server_env
 from tests.conftest import free_port, process_stop, python_argv, redis_start, wait_for_port
@@ -918,3 +920,60 @@ def test_a_lost_request_to_a_search_model_records_the_search_it_is_charged(
     day = rows.first().created_at.date()
     daily_usage_rebuild(day=day)
     assert DailyUsage.objects.filter(day=day).aggregate(searches=Sum("web_search_requests"))["searches"] == 3
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+@pytest.mark.parametrize("limit", ["client's", "picked"])
+def test_a_lost_stream_that_may_be_resumed_records_every_prompt_it_is_charged(
+    request, store_kind, limit, servers, budget_key, fake_upstream, settings
+):
+    """A stream to a model that resumes on failure on its second deployment may be answered twice, each attempt
+    billed its prompt, the second's with the reply so far as its prefill: admission reserves both (``charge_for``).
+    Its process killed mid-request, the request is charged that reservation, and its ``lost`` row records those
+    tokens, both prompts and the prefill, so that its tokens at the deployment's prices are its cost. Before, the
+    row recorded one prompt and was charged two, and the operator reading tokens × price found less than the
+    charge. With the output limit llmhub picks under the budget, the prefill is reserved per completion token."""
+    model = CatalogModel.objects.get(name="flat-model")
+    model.resume_on_failure, model.retries = True, 1
+    model.save()
+    first = Deployment.objects.get(model=model)
+    first.input_per_mtok = Decimal("30.00")
+    first.save()
+    Deployment.objects.create(
+        model=model,
+        name="second",
+        provider=first.provider,
+        upstream_id=first.upstream_id,
+        priority=1,
+        input_per_mtok=first.input_per_mtok,
+        output_per_mtok=first.output_per_mtok,
+    )
+    api_key_limits_set(api_key=budget_key["key"], budget_usd=Decimal("0.1"), budget_period=BudgetPeriod.MONTHLY)
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    (doomed,) = servers(redis_url, 1)
+    payload = {**body(latency_ms=60_000), "stream": True}
+    if limit == "picked":
+        del payload["max_tokens"]
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            held = asyncio.create_task(post(client, doomed.url, budget_key["secret"], payload))
+            await wait_until_async(lambda: fake_upstream.stats["requests"] == 1, "the stream upstream")
+            doomed.process.send_signal(signal.SIGKILL)
+            doomed.process.wait(timeout=10)
+            assert isinstance((await asyncio.gather(held, return_exceptions=True))[0], httpx.HTTPError)
+
+    asyncio.run(scenario())
+    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    assert inflight_lost_settle() == 1
+
+    row = UsageRecord.objects.get(api_key=budget_key["key"])
+    assert row.status == UsageStatus.LOST and row.usage_estimated
+    one_prompt = prompt_tokens(payload, operation="chat", upper_bound=True)
+    output = row.completion_tokens
+    if limit == "client's":
+        assert output == MAX_TOKENS
+    assert row.prompt_tokens == 2 * one_prompt + output, "both attempts' prompts, and the resumed one's prefill"
+    assert row.cost == cost_for(model=first, prompt_tokens=row.prompt_tokens, completion_tokens=output)
+    assert counter_state(key_ref(budget_key["key"])) == (row.cost, Decimal(0))
