@@ -78,10 +78,11 @@ _SERVABLE = {PRIORITY: ("", PRIORITY), FAST: ("", PRIORITY), FLEX: ("", FLEX), "
 
 
 # A message's usage's ``service_tier`` (/v1/messages) as the tier it says the request was served at, in OpenAI's
-# words: Anthropic's ``standard`` and ``priority`` (its Priority Tier), and ``flex``, which a translated OpenAI reply
+# words: Anthropic's ``standard`` and ``priority`` (its Priority Tier), and ``batch``, which a translated OpenAI reply
 # served at Flex processing says (``providers.adapters.translate_anthropic.messages_tier``: Anthropic has no word for
-# it). ``batch`` is Anthropic's Message Batches, which llmhub does not send.
-_MESSAGE_TIERS = {"standard": "default", PRIORITY: PRIORITY, FLEX: FLEX}
+# flex, whose price is OpenAI's Batch API's, as Anthropic's batch tier is its half-price Message Batches, which
+# llmhub does not send a Claude deployment): charged flex, the deployment's factor of its half-price tier.
+_MESSAGE_TIERS = {"standard": "default", PRIORITY: PRIORITY, "batch": FLEX}
 
 
 def message_tier(said: object) -> str:

@@ -1120,12 +1120,13 @@ def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
 
 
 # The service tier an OpenAI reply says it was served at (``service_tier``), in Anthropic's usage's words (its
-# ``service_tier``: standard, priority, batch), which billing reads back to charge it
-# (``billing.pricing.message_tier``). Flex has no word there and is said ``flex``, OpenAI's: said nothing, the reply
-# was charged the tier asked, on /v1/messages the standard prices, twice what the same reply costs on
-# /v1/chat/completions, and the client could not tell (Anthropic's Python SDK reads a usage's ``service_tier`` as it
-# comes, an unknown word too). Scale and others: none.
-_MESSAGES_TIERS = {"default": "standard", "priority": "priority", "flex": "flex"}
+# ``service_tier``: standard, priority, batch; its SDK's ``types.Usage``), which billing reads back to charge it
+# (``billing.pricing.message_tier``). Flex has no word of its own there and is said ``batch``: OpenAI prices Flex
+# processing at its Batch API's rates, half the standard ones, for slower answers, as Anthropic's batch tier is its
+# Message Batches' half price; ``standard`` would tell the client it paid twice what it is charged. Said nothing,
+# the reply was charged the tier asked, the standard prices; said ``flex``, OpenAI's word, a client holding to
+# Anthropic's types met a value they do not have. Scale and others: none.
+_MESSAGES_TIERS = {"default": "standard", "priority": "priority", "flex": "batch"}
 
 
 def messages_tier(service_tier: Any) -> dict[str, str]:

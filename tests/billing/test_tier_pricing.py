@@ -166,8 +166,8 @@ def test_admission_reserves_the_dearest_tier_the_request_may_be_charged_at():
     [
         ("standard", "default"),
         ("priority", "priority"),
-        ("flex", "flex"),  # a translated OpenAI reply served at flex: Anthropic has no word for it
-        ("batch", ""),
+        ("batch", "flex"),  # a translated OpenAI reply served at flex, priced as OpenAI's Batch API
+        ("flex", ""),  # OpenAI's word, not Anthropic's
         ("default", ""),  # not Anthropic's word
         (None, ""),
         (3, ""),

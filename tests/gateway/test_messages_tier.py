@@ -6,8 +6,10 @@ the ledger row, called with the anthropic SDK whole and streamed, is charged the
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import get_args
 
 import pytest
+from anthropic.types import Usage
 
 from providers.models import Deployment, ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
@@ -66,7 +68,7 @@ def tier_sent(gateway) -> str | None:
         ("standard_only", "flex", "default", Decimal(1), "", "standard"),
         # auto (or none) asks no OpenAI tier: the project's default serves it, and it is charged as served.
         ("auto", "priority", None, Decimal(2), "priority", "priority"),
-        (None, "flex", None, Decimal("0.5"), "flex", "flex"),
+        (None, "flex", None, Decimal("0.5"), "flex", "batch"),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -108,3 +110,35 @@ def test_a_tier_anthropic_does_not_take_is_refused_before_any_upstream_call(open
     body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "service_tier": asked}
     message = refused_before_any_upstream_call(gateway, {**body, "stream": stream})
     assert message == "service_tier: Input should be 'auto' or 'standard_only'"
+
+
+# Anthropic's words for a usage's ``service_tier`` (its SDK's ``types.Usage``): standard, priority, batch.
+ANTHROPIC_TIERS = set(get_args(get_args(Usage.model_fields["service_tier"].annotation)[0]))
+
+
+def test_a_flex_reply_says_anthropics_batch_tier_and_is_charged_flex(openai_itself):
+    """An OpenAI deployment serving a /v1/messages request at Flex processing (the project's default) had the message's
+    usage say ``flex``, which is none of Anthropic's tiers. It says ``batch``, whole and in the stream's
+    ``message_start`` (OpenAI prices flex as its Batch API, half the standard prices, as Anthropic's batch tier is),
+    and the row is still charged flex, at the deployment's flex factor, and says so."""
+    client = anthropic_client(openai_itself)
+    body = {
+        "model": "gpt-openai",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi [[project_tier=flex]]"}],
+    }
+
+    raw = client.messages.with_raw_response.create(**body)
+    assert raw.parse().usage.service_tier == "batch"
+    assert_charged(raw.headers["x-request-id"], Decimal("0.5"), "flex")
+
+    with client.messages.with_streaming_response.create(**body, stream=True) as streamed:
+        request_id = streamed.headers["x-request-id"]
+        events = [event.model_dump() for event in streamed.parse()]
+    said = [
+        (event.get("message") or event)["usage"].get("service_tier")
+        for event in events
+        if event["type"] in ("message_start", "message_delta")
+    ]
+    assert said[0] == "batch" and set(said) - {None} <= ANTHROPIC_TIERS, said
+    assert_charged(request_id, Decimal("0.5"), "flex")

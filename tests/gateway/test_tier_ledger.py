@@ -235,11 +235,11 @@ def test_a_tier_a_parameter_rule_sends_is_reserved_and_charged(priced, rules):
     [
         # Anthropic's auto (or none) is sent as no OpenAI tier: charged the tier OpenAI served, priority or flex.
         (None, "priority", Decimal(2), "priority", "priority"),
-        (None, "flex", Decimal("0.5"), "flex", "flex"),
-        ("auto", "flex", Decimal("0.5"), "flex", "flex"),
+        (None, "flex", Decimal("0.5"), "flex", "batch"),
+        ("auto", "flex", Decimal("0.5"), "flex", "batch"),
         ("auto", "priority", Decimal(2), "priority", "priority"),
         # standard_only: a cheaper tier served is charged as served; a dearer one at most the standard prices.
-        ("standard_only", "flex", Decimal("0.5"), "flex", "flex"),
+        ("standard_only", "flex", Decimal("0.5"), "flex", "batch"),
         ("standard_only", "priority", Decimal(1), "", "priority"),
     ],
 )
@@ -251,8 +251,8 @@ def test_a_message_is_charged_the_tier_an_openai_deployment_served_whatever_anth
     request has no OpenAI tier to send), so OpenAI serves the project's default; the reply's tier reaches the client
     in Anthropic's usage (``service_tier``), and the row is charged it. A flex reply had no Anthropic word, so its
     tier was lost and the row charged the standard prices (twice what /v1/chat/completions charges the same reply);
-    now the message's usage says flex, and the row is charged it, within what the client asked (``standard_only``:
-    at most the standard prices)."""
+    now the message's usage says it (flex as Anthropic's ``batch``, its price), and the row is charged it, within what
+    the client asked (``standard_only``: at most the standard prices)."""
     body = {"model": "gpt-test", "max_tokens": 50, **({} if asked is None else {"service_tier": asked})}
     messages = [{"role": "user", "content": f"one two three [[project_tier={project}]]"}]
     request_id, usage = message(priced, {**body, "messages": messages}, stream=stream)
