@@ -699,6 +699,7 @@ async def _experiment_enter(
             cache_write_1h_per_mtok=chosen.cache_write_1h_per_mtok,
             web_search_per_1k=chosen.web_search_per_1k,
             searches_every_request=chosen.searches_every_request,
+            web_plugin_online=chosen.web_plugin_online,
             priority_price_factor=chosen.priority_price_factor,
             flex_price_factor=chosen.flex_price_factor,
         )
@@ -893,6 +894,7 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
         cache_write_1h_per_mtok=max(cache_write_1h_price(m) for m in every),
         web_search_per_1k=max(m.web_search_per_1k for m in every),
         searches_every_request=any(m.searches_every_request for m in every),
+        web_plugin_online=any(m.web_plugin_online for m in every),
         priority_price_factor=factor_ceiling([m.priority_price_factor for m in every]),
         flex_price_factor=factor_ceiling([m.flex_price_factor for m in every]),
         max_output_tokens=None if any(cap is None for cap in caps) else max(caps),  # type: ignore[type-var]

@@ -393,7 +393,8 @@ class Deployment(models.Model):
         default=Decimal("0"),
         blank=True,  # empty (or left out of a form) is 0: ``save``
         help_text="Per 1,000 web searches the provider reports (Anthropic's server_tool_use.web_search_requests: "
-        "$10 per 1,000), billed beside the tokens. Empty or 0: searches cost nothing but their tokens.",
+        "$10 per 1,000), billed beside the tokens; on OpenRouter, per 1,000 results of its web plugin ($4). Empty or "
+        "0: searches cost nothing but their tokens.",
     )
     searches_every_request = models.CharField(
         "searches on every request",

@@ -11,7 +11,8 @@ from core.cache import TTLCache
 
 from .adapters import counts_every_request_search
 from .exceptions import ModelNotFoundError, model_not_found
-from .models import CatalogModel, Deployment, Provider
+from .models import CatalogModel, Deployment, Provider, ProviderKind
+from .tokens import upstream_online
 from .types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
 catalog_cache: TTLCache[ResolvedModel | None] = TTLCache("catalog")
@@ -57,6 +58,8 @@ def resolved_deployment(deployment: Deployment) -> ResolvedDeployment:
         # file refused it, or through a queryset): admission would hold a search no row is charged.
         searches_every_request=deployment.searches_on_every_request
         and counts_every_request_search(deployment.provider.kind),
+        web_plugin_online=deployment.provider.kind == ProviderKind.OPENROUTER
+        and upstream_online(deployment.upstream_id),
         priority_price_factor=None
         if deployment.priority_price_factor is None
         else Decimal(deployment.priority_price_factor),
@@ -116,6 +119,7 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
         cache_write_1h_per_mtok=None if all(d.cache_write_1h_per_mtok is None for d in usable) else _ceiling(writes_1h),  # type: ignore[arg-type]
         web_search_per_1k=max(d.web_search_per_1k for d in usable),
         searches_every_request=any(d.searches_every_request for d in usable),
+        web_plugin_online=any(d.web_plugin_online for d in usable),
         priority_price_factor=factor_ceiling([d.priority_price_factor for d in usable]),
         flex_price_factor=factor_ceiling([d.flex_price_factor for d in usable]),
         context_window=model.context_window,

@@ -109,7 +109,37 @@ def chat_web_searches(body: Mapping[str, Any], *, every_request: bool = False) -
     return 1 if every_request or isinstance(body.get("web_search_options"), Mapping) else 0
 
 
-def web_searches_bound(body: Mapping[str, Any], *, every_request: bool = False, answers: int = 1) -> int:
+# OpenRouter's web plugin (``plugins: [{"id": "web"}]``, or a model id ending ``:online``, its shortcut) fetches up to
+# its ``max_results`` web results, 5 unless set, and bills each ($4 per 1,000 with Exa: up to $0.02 a request, its
+# web search guide), not the request; its reply says how many were fetched nowhere (its usage has no count of them,
+# and its ``url_citation`` annotations are the ones the answer cites), so each request is billed its ``max_results``.
+WEB_PLUGIN_RESULTS = 5
+ONLINE_SUFFIX = ":online"
+
+
+def web_plugin_results(body: Mapping[str, Any], *, online: bool = False) -> int:
+    """The web results OpenRouter's web plugin fetches, and bills per result, for a chat completion ``body``: its
+    ``plugins`` entry ``{"id": "web"}``'s ``max_results`` (``WEB_PLUGIN_RESULTS`` unless a positive count), or with
+    none, ``WEB_PLUGIN_RESULTS`` when the model runs the plugin on every request (``online``: an upstream id ending
+    ``:online``); 0 otherwise."""
+    plugins = body.get("plugins")
+    for plugin in plugins if isinstance(plugins, list) else ():
+        if isinstance(plugin, Mapping) and plugin.get("id") == "web":
+            results = plugin.get("max_results")
+            counted = isinstance(results, int) and not isinstance(results, bool) and results > 0
+            return min(results, COUNT_MAX) if counted else WEB_PLUGIN_RESULTS
+    return WEB_PLUGIN_RESULTS if online else 0
+
+
+def upstream_online(upstream_id: str) -> bool:
+    """Whether ``upstream_id`` is an OpenRouter model id with ``:online``, which runs the web plugin on every
+    request."""
+    return upstream_id.endswith(ONLINE_SUFFIX)
+
+
+def web_searches_bound(
+    body: Mapping[str, Any], *, every_request: bool = False, answers: int = 1, web_plugin_online: bool = False
+) -> int:
     """The most web searches a request may have its provider run (and bill): for a Messages request each web search
     tool's ``max_uses`` (``web_search_20250305`` and later versions), ``WEB_SEARCHES_UNBOUNDED`` for one that sets
     none; for a chat completion the one its ``web_search_options`` asks for (``chat_web_searches``: its tools are
@@ -120,8 +150,12 @@ def web_searches_bound(body: Mapping[str, Any], *, every_request: bool = False, 
     ``answers``: how many attempts may answer the request (a stream resumed on failure: each resumed attempt is a
     request of its own, which searches again before it answers). The chat's searches are counted each attempt; the
     tools' are not, as a Messages stream that relayed a search's blocks is not resumed (they are no text to continue):
-    only the attempt that ends it runs them."""
+    only the attempt that ends it runs them.
+
+    OpenRouter's web plugin's results (``web_plugin_results``; ``web_plugin_online``: a deployment the request may end
+    on has an ``:online`` id) are counted each attempt too, as OpenRouter bills them per result."""
     searches = chat_web_searches(body, every_request=every_request and isinstance(body.get("messages"), list))
+    searches += web_plugin_results(body, online=web_plugin_online)
     searches *= max(answers, 1)
     tools = body.get("tools")
     if not isinstance(tools, list):

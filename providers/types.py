@@ -113,6 +113,9 @@ class ResolvedDeployment:
     # The upstream model searches the web before every answer, asked or not (OpenAI's search models): each request
     # is one search (``Deployment.searches_on_every_request``).
     searches_every_request: bool = False
+    # OpenRouter runs its web plugin on every request (an upstream id ending ``:online``): its results are billed
+    # (``providers.tokens.web_plugin_results``).
+    web_plugin_online: bool = False
     priority_price_factor: Decimal | None = None  # the token prices × this at OpenAI's priority tier; None: × 1
     flex_price_factor: Decimal | None = None  # the token prices × this at OpenAI's flex tier; None: × 1
     weight: int = 1
@@ -166,6 +169,7 @@ class ResolvedModel:
     web_search_per_1k: Decimal = Decimal(0)  # per 1,000 web searches the provider reports
     # Bound: the deployment's; unbound, any of them (what a reservation must cover).
     searches_every_request: bool = False
+    web_plugin_online: bool = False  # OpenRouter's ``:online``; bound: the deployment's; unbound, any of them
     priority_price_factor: Decimal | None = None  # OpenAI's priority tier: the token prices × this; None: × 1
     flex_price_factor: Decimal | None = None  # OpenAI's flex tier: the token prices × this; None: × 1
 
@@ -189,6 +193,7 @@ class ResolvedModel:
             cache_write_1h_per_mtok=deployment.cache_write_1h_per_mtok,
             web_search_per_1k=deployment.web_search_per_1k,
             searches_every_request=deployment.searches_every_request,
+            web_plugin_online=deployment.web_plugin_online,
             priority_price_factor=deployment.priority_price_factor,
             flex_price_factor=deployment.flex_price_factor,
             deployment=deployment,

@@ -292,7 +292,9 @@ def charge_for(
     if max_tokens is None and not budgeted:
         # Nothing to clamp for; the tokens-per-minute window counts the prompt now and the rest at settle.
         max_tokens = 0
-    searches = web_searches_bound(body, every_request=model.searches_every_request, answers=answers)
+    searches = web_searches_bound(
+        body, every_request=model.searches_every_request, answers=answers, web_plugin_online=model.web_plugin_online
+    )
     searches_cost = _web_searches_cost(model, searches)
     tier = reserved_tier(model, body.get("service_tier"))
     # Each attempt that may answer is billed its prompt; a resumed one's holds the reply so far too, its prefill,

@@ -371,7 +371,7 @@ if not FIELD_ENCRYPTION_KEYS:
 LLMHUB_ADAPTERS = {
     # OpenAI itself: the output limit as max_completion_tokens, which its newest models alone take (openai.py).
     "openai": "providers.adapters.openai.OpenAIPlatformAdapter",
-    "openrouter": "providers.adapters.openai.OpenAIAdapter",
+    "openrouter": "providers.adapters.openai.OpenRouterAdapter",
     "ollama": "providers.adapters.ollama.OllamaAdapter",  # answers one choice whatever n says (ollama.py)
     "vllm": "providers.adapters.openai.OpenAIAdapter",
     "openai_compatible": "providers.adapters.openai.OpenAIAdapter",

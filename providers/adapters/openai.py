@@ -29,7 +29,7 @@ import openai
 from ..exceptions import ProviderError, ProviderMalformedReplyError
 from ..outbound import OutboundRefused
 from ..rules import OUTPUT_LIMITS
-from ..tokens import chat_web_searches
+from ..tokens import chat_web_searches, web_plugin_results
 from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from . import sdk_requests
 from .base import BaseAdapter, WireChunk
@@ -690,3 +690,22 @@ class OpenAIPlatformAdapter(OpenAIAdapter):
     takes_allowed_tools = True
     messages_stop_max = OPENAI_STOP_MAX
     messages_standard_tier = "default"
+
+
+class OpenRouterAdapter(OpenAIAdapter):
+    """OpenRouter (kind ``openrouter``): the OpenAI adapter, counting the web results of OpenRouter's web plugin, which
+    it bills per result, not per request (``web_plugin_results``: ``plugins: [{"id": "web"}]``, or a model id ending
+    ``:online``), each one a unit of the deployment's ``web_search_per_1k`` (OpenRouter's $4 per 1,000 results). A
+    /v1/messages request's ``plugins`` is sent on in its translation, as a chat completion's is: OpenRouter's own
+    field, which the other providers are not sent."""
+
+    def web_searches(self, body: dict[str, Any], model: ResolvedModel) -> int:
+        """``OpenAIAdapter``'s, and the web plugin's results."""
+        return super().web_searches(body, model) + web_plugin_results(body, online=model.web_plugin_online)
+
+    @classmethod
+    def _chat_request(cls, request: dict[str, Any]) -> dict[str, Any]:
+        body = super()._chat_request(request)
+        if request.get("plugins") is not None:
+            body["plugins"] = request["plugins"]
+        return body

@@ -19,6 +19,7 @@ from tests.factories import ProviderFactory
 # Every kind not named here speaks OpenAI's protocol through the OpenAI adapter itself.
 _TRANSLATING_ADAPTERS = {
     ProviderKind.OPENAI: "OpenAIPlatformAdapter",  # the OpenAI adapter, with OpenAI's own name for the output limit
+    ProviderKind.OPENROUTER: "OpenRouterAdapter",  # the OpenAI adapter, counting its web plugin's results
     ProviderKind.ANTHROPIC: "AnthropicAdapter",
     ProviderKind.AZURE_OPENAI: "AzureOpenAIAdapter",
     ProviderKind.MISTRAL: "MistralAdapter",
