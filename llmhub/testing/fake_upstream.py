@@ -1254,6 +1254,18 @@ MISTRAL_EMBED_BATCH_LIMIT = 512  # inputs in one embeddings request
 _MISTRAL_ASSISTANT_FIELDS = frozenset({"role", "content", "tool_calls", "prefix"})
 
 
+def _mistral_validation_error(detail: list[dict[str, Any]]) -> web.Response:
+    """Mistral's 422 for a body its validation refuses: pydantic's ``detail`` list inside its error object."""
+    answer = {
+        "object": "error",
+        "message": {"detail": detail},
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    return web.json_response(answer, status=422)
+
+
 def _mistral_extra_fields(body: Any, allowed: frozenset[str]) -> web.Response | None:
     """Mistral's 422 for fields it does not take, in its own shape (a pydantic ``extra_forbidden`` list under
     ``message.detail``: no OpenAI-style ``error`` object): of the request, and of its assistant messages."""
@@ -1274,14 +1286,7 @@ def _mistral_extra_fields(body: Any, allowed: frozenset[str]) -> web.Response | 
         {"type": "extra_forbidden", "loc": loc, "msg": "Extra inputs are not permitted", "input": value}
         for loc, value in extra
     ]
-    answer = {
-        "object": "error",
-        "message": {"detail": detail},
-        "type": "invalid_request_error",
-        "param": None,
-        "code": None,
-    }
-    return web.json_response(answer, status=422)
+    return _mistral_validation_error(detail)
 
 
 def _mistral_invalid_effort(body: Any) -> web.Response | None:
@@ -1298,14 +1303,7 @@ def _mistral_invalid_effort(body: Any) -> web.Response | None:
         "input": effort,
         "ctx": {"expected": expected},
     }
-    answer = {
-        "object": "error",
-        "message": {"detail": [detail]},
-        "type": "invalid_request_error",
-        "param": None,
-        "code": None,
-    }
-    return web.json_response(answer, status=422)
+    return _mistral_validation_error([detail])
 
 
 # The content chunks Mistral's messages take, by their ``type`` (its OpenAPI document's ``ContentChunk``, a tagged
@@ -1339,14 +1337,7 @@ def _mistral_content_chunks(body: Any) -> web.Response | None:
             )
     if not detail:
         return None
-    answer = {
-        "object": "error",
-        "message": {"detail": detail},
-        "type": "invalid_request_error",
-        "param": None,
-        "code": None,
-    }
-    return web.json_response(answer, status=422)
+    return _mistral_validation_error(detail)
 
 
 # A tool call's id as Mistral takes it (in an assistant message's ``tool_calls`` and a tool message's

@@ -12,6 +12,28 @@ from billing.services.keys import api_key_create
 from providers.models import ProviderKind
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
+# A conversation in which the model had refused: OpenAI's spec types an assistant message's parts as text or
+# ``refusal``, and each translation sends the refusal on as text, in its place (REFUSED_TURN_TEXTS, the texts in order).
+REFUSED_TURN_TEXTS = ["Here is the first half. ", "Not the second."]
+REFUSED_TURN = [
+    {"role": "user", "content": "Write me something bad."},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": REFUSED_TURN_TEXTS[0]},
+            {"type": "refusal", "refusal": REFUSED_TURN_TEXTS[1]},
+        ],
+    },
+    {"role": "user", "content": "Why not?"},
+]
+
+
+def reply_text(response, stream: bool) -> str:
+    """The text of a chat completion from the openai SDK, whole or streamed."""
+    if stream:
+        return "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
+    return response.choices[0].message.content
+
 
 @dataclass
 class Gateway:

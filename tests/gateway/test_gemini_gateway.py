@@ -15,6 +15,7 @@ from billing.models import UsageRecord
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
+from tests.gateway.conftest import REFUSED_TURN, REFUSED_TURN_TEXTS
 from tests.gateway.test_moderation import policy_on, sse_stream
 from tests.waiting import wait_for_record
 
@@ -538,20 +539,10 @@ def test_an_assistant_turns_refusal_part_reaches_gemini_as_its_text(gemini):
     """OpenAI's spec types an assistant message's parts as text or ``refusal``; a conversation given back with one was
     refused for Gemini (a part it "cannot take"), where Claude's translation sends it on as text. It is a text part of
     the model's turn, in its place among the others."""
-    messages = [
-        {"role": "user", "content": "Write me something bad."},
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "text", "text": "Here is the first half. "},
-                {"type": "refusal", "refusal": "Not the second."},
-            ],
-        },
-        {"role": "user", "content": "Why not?"},
-    ]
+    messages = REFUSED_TURN
     gemini.client().chat.completions.create(model="gemini-test", messages=messages)
     contents = gemini.upstream.requests[-1]["body"]["contents"]
-    parts = [{"text": "Here is the first half. "}, {"text": "Not the second."}]
+    parts = [{"text": text} for text in REFUSED_TURN_TEXTS]
     assert contents[1] == {"role": "model", "parts": parts}
 
 

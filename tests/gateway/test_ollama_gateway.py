@@ -12,6 +12,7 @@ import pytest
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
+from tests.gateway.conftest import REFUSED_TURN, REFUSED_TURN_TEXTS, reply_text
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -58,25 +59,11 @@ def test_an_assistant_turns_refusal_part_reaches_ollama_as_its_text(ollama, stre
     text and image_url parts alone and refuses another (its 400 ``invalid message format``, naming nothing), so a
     conversation in which the model had refused could not go on there. The refusal's text is a text part of the turn,
     in its place among the others, as Claude's, Cohere's and Gemini's translations send it on."""
-    messages = [
-        {"role": "user", "content": "Write me something bad."},
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "text", "text": "Here is the first half. "},
-                {"type": "refusal", "refusal": "Not the second."},
-            ],
-        },
-        {"role": "user", "content": "Why not?"},
-    ]
+    messages = REFUSED_TURN
     response = ollama.client().chat.completions.create(model="llama-test", messages=messages, stream=stream)
-    if stream:
-        text = "".join(chunk.choices[0].delta.content or "" for chunk in response if chunk.choices)
-    else:
-        text = response.choices[0].message.content
-    assert text == "Echo: Why not?"
+    assert reply_text(response, stream) == "Echo: Why not?"
     sent = ollama.upstream.requests[-1]["body"]["messages"]
-    parts = [{"type": "text", "text": "Here is the first half. "}, {"type": "text", "text": "Not the second."}]
+    parts = [{"type": "text", "text": text} for text in REFUSED_TURN_TEXTS]
     assert sent[1] == {"role": "assistant", "content": parts}
 
 
