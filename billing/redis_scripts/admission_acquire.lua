@@ -14,7 +14,8 @@
 --       requested_max_tokens (-1: clamp), cap, prompt_tokens, choices, window_ms,
 --       likely_prompt_tokens (the prompt's likely size, which alone makes a request too large for a tokens
 --       window; -1: prompt_tokens), window_max_tokens (the client's own max_tokens, which the tokens windows count;
---       -1: it set none),
+--       -1: it set none), answers (the attempts that may answer: a stream resumed on failure is billed each one's
+--       prompt and each resumed one's prefill, at most its reply, so a token budget holds prompt and reply each time),
 --       then per counter: metric ('cost' | 'tokens'), limit, key_ttl_ms; per rate scope: rpm, tpm (-1: none)
 --       then: record (JSON, without its amounts; '': none, for a request that holds nothing and is never
 --       settled, counted in requests-per-minute windows alone), restart_grace_ms, heartbeat_ttl_ms, instance id
@@ -40,8 +41,9 @@ if likely_prompt < 0 then
   likely_prompt = prompt
 end
 local window_max = tonumber(ARGV[14])
+local answers = tonumber(ARGV[15])
 local kx = 3 * nb + 3 * nr
-local ax = 14 + 3 * nb + 2 * nr
+local ax = 15 + 3 * nb + 2 * nr
 local inflight, epoch_key, heartbeat, instances = KEYS[kx + 1], KEYS[kx + 2], KEYS[kx + 3], KEYS[kx + 4]
 
 -- Lua turns large numbers into "1e+15", which HINCRBY refuses: always pass integers through this.
@@ -84,7 +86,7 @@ end
 local counters = {}
 for i = 1, nb do
   local h, exp = KEYS[3 * i - 2], KEYS[3 * i - 1]
-  local a = 14 + 3 * (i - 1)
+  local a = 15 + 3 * (i - 1)
   -- A reservation whose request never settled (its process died) gives its amount back.
   local stale = redis.call('ZRANGEBYSCORE', exp, '-inf', now)
   for _, r in ipairs(stale) do
@@ -124,7 +126,7 @@ if requested < 0 then
         affordable = -1
       end
     else
-      affordable = math.floor((left - prompt) / choices)
+      affordable = math.floor((left - prompt * answers) / (choices * answers))
     end
     if affordable < max_tokens then
       max_tokens = affordable
@@ -133,7 +135,7 @@ if requested < 0 then
   end
   if max_tokens < 1 then
     local c = counters[tightest]
-    local needed = prompt + choices
+    local needed = (prompt + choices) * answers
     if c.metric == 'cost' then
       needed = fixed + math.ceil(choices * price)
     end
@@ -142,7 +144,7 @@ if requested < 0 then
 end
 local completion = max_tokens * choices
 local cost = fixed + math.ceil(completion * price)
-local tokens = prompt + completion
+local tokens = (prompt + completion) * answers
 -- The tokens-per-minute windows count the client's own max_tokens, or the prompt alone when it set none (the
 -- max_tokens picked above, or one a parameter rule sends, pays for the budgets, not for the windows): the rest is
 -- counted when it settles.
@@ -170,7 +172,7 @@ end
 for j = 1, nr do
   local k = 3 * nb + 3 * (j - 1)
   local rq, tk, th = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local a = 14 + 3 * nb + 2 * (j - 1)
+  local a = 15 + 3 * nb + 2 * (j - 1)
   local s = {rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]), rq = rq, tk = tk, th = th}
   local cutoff = now - window
   if s.rpm >= 0 then

@@ -173,7 +173,7 @@ async def admission_acquire(
         "stream": bool(body.get("stream")),
         "prompt_tokens": charge.prompt_tokens,
         "web_search_requests": charge.web_searches,
-        # What a ``lost`` row records as its prompt (``budgets.lost_prompt_tokens``): a resumed attempt's prefill is at
+        # What a ``lost`` row records as its prompt (``budgets.lost_tokens``): a resumed attempt's prefill is at
         # most the client's output limit; None when llmhub picks it, reserved per completion token.
         "resumes": charge.resumes,
         "prefill_tokens": None if charge.requested_max_tokens is None else charge.requested_max_tokens * charge.resumes,

@@ -215,7 +215,7 @@ class Charge:
     web_searches: int = 0
     # The attempts past the first that may answer (a stream resumed on failure), each reserved its prompt and a
     # prefill of the reply so far: what a ``lost`` row, charged the reservation, records as its prompt
-    # (``lost_prompt_tokens``).
+    # (``lost_tokens``).
     resumes: int = 0
 
 
@@ -340,14 +340,15 @@ def charge_for(
     )
 
 
-def lost_prompt_tokens(*, prompt_tokens: int, resumes: int, prefill_tokens: int | None, tokens: int) -> int:
-    """The prompt tokens a request's reservation holds, as a ``lost`` row (charged that reservation) records them:
-    the prompt of each attempt that may answer, ``prompt_tokens`` once and once more for each of ``resumes``, and
-    each resumed attempt's prefill (``charge_for``): ``prefill_tokens`` when the client set the output limit, else
-    priced per completion token reserved, the reserved ``tokens`` past the prompt, once a resume."""
-    completion = max(tokens - prompt_tokens, 0)
+def lost_tokens(*, prompt_tokens: int, resumes: int, prefill_tokens: int | None, tokens: int) -> tuple[int, int]:
+    """The prompt and completion tokens a request's reservation holds, as a ``lost`` row (charged that reservation)
+    records them: the prompt of each attempt that may answer, ``prompt_tokens`` once and once more for each of
+    ``resumes``, and each resumed attempt's prefill (``charge_for``): ``prefill_tokens`` when the client set the output
+    limit, else priced per completion token reserved, once a resume; the completion, the replies reserved. ``tokens``:
+    what the token budgets hold (``_tokens_with``: prompt and replies once an attempt)."""
+    completion = max(tokens - prompt_tokens * (1 + resumes), 0) // (1 + resumes)
     prefill = resumes * completion if prefill_tokens is None else prefill_tokens
-    return prompt_tokens * (1 + resumes) + prefill
+    return prompt_tokens * (1 + resumes) + prefill, completion
 
 
 def _web_searches_cost(model: ResolvedModel, searches: int) -> Decimal:
@@ -404,14 +405,23 @@ def charge_clamp(charge: Charge, counters: Sequence[tuple[CounterSpec, Decimal, 
                 else:
                     affordable = charge.cap if left >= 0 else -1
             else:
-                affordable = int(((left - charge.prompt_tokens) / charge.choices).to_integral_value(ROUND_FLOOR))
+                answers = 1 + charge.resumes  # each attempt that may answer holds the prompt and the reply
+                per_token = charge.choices * answers
+                affordable = int(((left - charge.prompt_tokens * answers) / per_token).to_integral_value(ROUND_FLOOR))
             if affordable < max_tokens:
                 max_tokens, tightest = affordable, (spec, spent, reserved)
         if max_tokens < 1 and tightest is not None:
             spec, spent, reserved = tightest
-            one_token = Reserved(1, _cost_with(charge, 1), charge.prompt_tokens + charge.choices)
+            one_token = Reserved(1, _cost_with(charge, 1), _tokens_with(charge, 1))
             raise quota_error(spec, spent=spent, reserved=reserved, needed=one_token.amount_for(spec))
-    return Reserved(max_tokens, _cost_with(charge, max_tokens), charge.prompt_tokens + max_tokens * charge.choices)
+    return Reserved(max_tokens, _cost_with(charge, max_tokens), _tokens_with(charge, max_tokens))
+
+
+def _tokens_with(charge: Charge, max_tokens: int) -> int:
+    """The tokens a token budget holds for a request given ``max_tokens``: its prompt and its replies, once for each
+    attempt that may answer it (a stream resumed on failure: each attempt is billed its prompt, each resumed one with
+    the reply so far as its prefill, at most its limit; the row counts them all, ``lost_tokens``)."""
+    return (charge.prompt_tokens + max_tokens * charge.choices) * (1 + charge.resumes)
 
 
 def _cost_with(charge: Charge, max_tokens: int) -> Decimal:

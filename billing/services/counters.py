@@ -69,7 +69,7 @@ from .budgets import (
     charge_check,
     charge_clamp,
     expected_spend,
-    lost_prompt_tokens,
+    lost_tokens,
     period_bounds,
     quota_error,
     window_tokens,
@@ -177,6 +177,7 @@ class RedisCounterStore:
             WINDOW_MS,
             -1 if charge.likely_prompt_tokens is None else charge.likely_prompt_tokens,
             -1 if charge.window_max_tokens is None else charge.window_max_tokens,
+            1 + charge.resumes,
         ]
         for spec in counters:
             keys += _counter_keys(spec.key)
@@ -214,7 +215,7 @@ class RedisCounterStore:
         """Count a request in the requests-per-minute windows of ``rates`` alone (their tokens limits are not
         passed): nothing reserved, no in-flight record, as nothing settles it. Raises ``RateLimitExceededError``."""
         keys: list[str] = []
-        args: list[str | int] = [_ms(now), request_id, 0, 0, len(rates), 0, "0", 0, 0, 0, 1, WINDOW_MS, -1, -1]
+        args: list[str | int] = [_ms(now), request_id, 0, 0, len(rates), 0, "0", 0, 0, 0, 1, WINDOW_MS, -1, -1, 1]
         for rate in rates:
             keys += list(rate.keys)
             args += [-1 if rate.rpm is None else rate.rpm, -1]
@@ -1226,7 +1227,7 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int, spooled: SpoolIndex) 
         # tokens priced are what it is charged, as a resumed row's are (a record an older release wrote has none).
         one_prompt = int(record.get("prompt_tokens") or 0)
         prefill = record.get("prefill_tokens")
-        prompt = lost_prompt_tokens(
+        prompt, completion = lost_tokens(
             prompt_tokens=one_prompt,
             resumes=int(record.get("resumes") or 0),
             prefill_tokens=None if prefill is None else int(prefill),
@@ -1255,7 +1256,7 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int, spooled: SpoolIndex) 
                     endpoint=record.get("endpoint") or "",
                     stream=bool(record.get("stream")),
                     prompt_tokens=prompt,
-                    completion_tokens=max(tokens - one_prompt, 0),
+                    completion_tokens=completion,
                     # Charged in ``cost``, as its tokens are: it may have run them all (a record an older
                     # release wrote has none).
                     web_search_requests=int(record.get("web_search_requests") or 0),

@@ -19,10 +19,11 @@ import pytest
 import time_machine
 from django.conf import settings
 
-from billing.models import UsageRecord
+from billing.models import Plan, UsageRecord
 from billing.pricing import cost_for
 from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
 from llmhub.testing.fake_upstream import raw_directive, split_tokens
 from providers.models import CatalogModel, Deployment, ProviderKind
 from providers.routing.breaker_machine import OPEN
@@ -815,6 +816,40 @@ def test_admission_reserves_the_prompt_of_each_attempt_a_resumed_stream_may_make
     assert record.status == "ok" and record.resumed
     assert record.prompt_tokens > 2 * prompt_tokens(body, operation="chat"), "both attempts' prompts charged"
     assert record.cost <= twice
+
+
+def test_a_token_quota_holds_the_prompt_and_reply_of_each_attempt_a_resumed_stream_may_make(
+    mid_month, client, fake_upstream
+):
+    """A user's daily token quota counts what the row counts: a resumed stream's row the prompt of each attempt and
+    the prefill in the resumed one's. Admission holds the prompt and the reply once for each attempt that may answer
+    (two here), as the cost budgets do: a user whose quota holds one attempt and not two is refused before any
+    upstream call, and with enough for both is answered, resumed, within the quota. Before, the quota held one
+    attempt's and the user could go past it by the other."""
+    routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
+    body = {"model": "routed", "messages": MESSAGES, "stream": True, "max_tokens": 400}
+    once = prompt_tokens(body, operation="chat", upper_bound=True) + 400
+    plan = Plan.objects.create(name="Tokens", allow_all_models=True, daily_token_quota=once + once // 2)
+    user = UserFactory(username="quota-holder")
+    plan_assign(user=user, plan=plan)
+    spending = openai.OpenAI(
+        base_url=str(client.base_url), api_key=api_key_create(user=user, name="q").secret, max_retries=0, timeout=30
+    )
+    requests = len(fake_upstream.requests)
+
+    with pytest.raises(openai.RateLimitError):
+        spending.chat.completions.create(**body)
+    assert len(fake_upstream.requests) == requests, "refused before any upstream call"
+
+    plan.daily_token_quota = 2 * once
+    plan.save()  # its signal clears the server's copy of the plan
+    with spending.chat.completions.with_streaming_response.create(**body) as response:
+        list(response.iter_lines())
+        request_id = response.headers["x-request-id"]
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed
+    assert record.prompt_tokens > 2 * prompt_tokens(body, operation="chat"), "both attempts' prompts counted"
+    assert record.prompt_tokens + record.completion_tokens <= 2 * once
 
 
 def test_a_cut_stream_resumes_on_a_mistral_deployment_with_the_prefill_marked_as_its_prefix(client, fake_upstream):
