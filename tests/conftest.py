@@ -51,6 +51,19 @@ def pytest_configure(config) -> None:
         "test of a module so marked that reads no clock",
     )
     _flush_retrying_deadlocks()
+    from tests.database_template import template_owner_set
+
+    template_owner_set(config)
+
+
+def pytest_sessionfinish(session) -> None:
+    """The controller of a pytest-xdist run removes the template its workers copied (tests/database_template.py)."""
+    if not hasattr(session.config, "workerinput"):
+        from pytest_django.plugin import blocking_manager_key
+
+        from tests.database_template import templates_remove
+
+        templates_remove(session.config.stash[blocking_manager_key])
 
 
 # PERIODS AND CLOCKS
@@ -394,6 +407,50 @@ async def _provider_clients_closed_at_the_end():
     from providers.adapters.registry import adapters_close_all
 
     await adapters_close_all()
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(
+    request,
+    django_test_environment,
+    django_db_blocker,
+    django_db_use_migrations,
+    django_db_keepdb,
+    django_db_createdb,
+    django_db_modify_db_settings,
+):
+    """pytest-django's, except that a pytest-xdist worker's database is a copy of one its run migrated once
+    (tests/database_template.py) rather than migrated by each worker."""
+    from django.test.utils import setup_databases, teardown_databases
+    from pytest_django.fixtures import _disable_migrations, _get_databases_for_setup
+
+    from tests.database_template import databases_from_template, template_owner
+
+    keepdb = django_db_keepdb and not django_db_createdb
+    if not django_db_use_migrations:
+        _disable_migrations()
+    aliases, serialized_aliases = _get_databases_for_setup(request.session.items)
+    verbosity = request.config.option.verbose
+    owner = template_owner(request.config)
+    with django_db_blocker.unblock():
+        db_cfg = None
+        if owner is not None and django_db_use_migrations and not keepdb:
+            db_cfg = databases_from_template(owner, aliases, serialized_aliases, verbosity)
+        if db_cfg is None:
+            db_cfg = setup_databases(
+                verbosity=verbosity,
+                interactive=False,
+                aliases=aliases,
+                serialized_aliases=serialized_aliases,
+                keepdb=keepdb,
+            )
+    yield
+    if not django_db_keepdb:
+        with django_db_blocker.unblock():
+            try:
+                teardown_databases(db_cfg, verbosity=verbosity)
+            except Exception as exc:
+                request.node.warn(pytest.PytestWarning(f"Error when trying to teardown test databases: {exc!r}"))
 
 
 @pytest.fixture(scope="session", autouse=True)
