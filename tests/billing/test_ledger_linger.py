@@ -58,6 +58,27 @@ async def test_rows_submitted_apart_share_one_transaction_and_are_settled_as_the
     assert batches == [("settle", 1)] * 4 + [("write", 4)]
 
 
+async def test_rows_that_come_as_the_batchs_timer_runs_are_written_with_it(settings, batches):
+    """asyncio runs a timer up to its clock's resolution early. When the batch's timer ran, and more rows came in
+    the same pass of the loop, the writer took the rows (clearing the timer's wake-up), found the loop's clock short
+    of the batch's time, and waited for a wake-up that had come and gone: the batch stayed unwritten until another
+    row came. The timer's run is simulated here ahead of its time, with a row, in one callback."""
+    settings.LLMHUB_LEDGER_LINGER_MS = 1500
+    usage_record_submit(row())
+    await asyncio.sleep(0.02)  # settled, lingering
+    writer = ledger._writers.get(asyncio.get_running_loop())
+    due, arguments = writer.due._callback, writer.due._args
+    writer.due.cancel()
+
+    def fires_early_as_a_row_comes() -> None:
+        due(*arguments)
+        usage_record_submit(row())
+
+    asyncio.get_running_loop().call_soon(fires_early_as_a_row_comes)
+    assert await written(2) == 2
+    assert batches == [("settle", 1), ("settle", 1), ("write", 2)]
+
+
 async def test_without_a_linger_each_wake_up_writes_at_once(settings, batches):
     settings.LLMHUB_LEDGER_LINGER_MS = 0
     for n in range(1, 4):
