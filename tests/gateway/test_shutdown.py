@@ -28,6 +28,7 @@ from billing.models import UsageRecord
 from billing.services.ledger import ledger_replay_spool
 from tests.conftest import database_url_for_subprocesses, free_port, own_postgres, wait_for_port
 from tests.gateway.conftest import make_catalog
+from tests.own_database import migrate
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -306,7 +307,7 @@ def ledger_row(database_url: str, request_id: str) -> tuple[str, Decimal] | None
 
 @pytest.mark.parametrize("store", ["database", "redis"])
 def test_a_stream_cut_at_shutdown_with_the_database_down_is_settled_once_when_its_row_is_replayed(
-    request, store, fake_upstream, tmp_path
+    request, store, fake_upstream, tmp_path, tmp_path_factory
 ):
     """The database is down when the server stops: the cut stream's row, and on the database store its
     settle, cannot be written, so the row is spooled with its admission and the process exits. The next
@@ -320,9 +321,7 @@ def test_a_stream_cut_at_shutdown_with_the_database_down_is_settled_once_when_it
         redis.Redis.from_url(redis_url).flushdb()
     with own_postgres() as postgres:
         env = own_database_env(postgres.url)
-        subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
-        )
+        migrate(postgres.url, env, tmp_path_factory)
         setup = subprocess.run(
             [sys.executable, "-c", BUDGET_SETUP, fake_upstream.base_url],
             cwd=ROOT,

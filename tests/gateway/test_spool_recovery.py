@@ -37,6 +37,7 @@ from llmhub.testing.postgres import PostgresCluster
 from providers.selectors import resolved_model
 from tests.conftest import free_port, own_postgres, process_stop, wait_for_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.own_database import migrate
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +71,7 @@ from decimal import Decimal
 django.setup()
 from billing.services.keys import api_key_create
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.own_database import migrate
 provider = ProviderFactory(name="fake-openai", base_url=sys.argv[1] + "/v1")
 ModelFactory(name="flat-model", provider=provider, input_per_mtok=Decimal(0), output_per_mtok=Decimal(100))
 created = api_key_create(user=UserFactory(username="outage"), name="outage", budget_usd=Decimal(100),
@@ -141,13 +143,11 @@ class Load:
 
 
 def test_rows_spooled_during_a_database_outage_reach_the_ledger_without_celery_or_restart(
-    postgres, redis_url, fake_upstream, tmp_path
+    postgres, redis_url, fake_upstream, tmp_path, tmp_path_factory
 ):
     redis.Redis.from_url(redis_url).flushdb()
     env = django_env(postgres.url, redis_url)
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
-    )
+    migrate(postgres.url, env, tmp_path_factory)
     setup = subprocess.run(
         [sys.executable, "-c", SETUP, fake_upstream.base_url],
         cwd=ROOT,
