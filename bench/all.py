@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PARTS = ("postgres", "sqlite", "streams", "ledger")
 NEEDS_POSTGRES = ("postgres", "ledger")
-# The ledger part's size: the 10 million rows; --quick builds a small ledger over fewer days.
-LEDGER_ROWS, LEDGER_QUICK = ("--rows", "10000000"), ("--rows", "100000", "--insert-rows", "5000", "--days", "10")
+# The ledger part's size: the 10 million rows; --quick builds a small ledger over fewer days, the smoke
+# test's size (tests/bench/test_bench_summary.py runs it end to end): every step and query runs, on 5,000 rows a day.
+LEDGER_ROWS, LEDGER_QUICK = ("--rows", "10000000"), ("--rows", "50000", "--insert-rows", "5000", "--days", "10")
 # Options of bench/run.py that this script decides for each part.
 _OWNED = ("--database", "--output")
 
