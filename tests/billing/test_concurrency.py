@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -89,27 +90,47 @@ def server_env(redis_url: str | None) -> dict[str, str]:
 
 
 class ServerProcess:
-    """``uvicorn llmhub.asgi:application`` in its own process, on the test database."""
+    """``uvicorn llmhub.asgi:application`` in its own process, on the test database. ``resettable``: one that tests
+    share (``ServerPairs``), run by ``tests.resettable_server``, which ``held`` and ``reset`` talk to."""
 
-    def __init__(self, redis_url: str | None, log: Path, clock: datetime | None) -> None:
+    def __init__(self, redis_url: str | None, log: Path, clock: datetime | None, *, resettable: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Its log (a warning per 429) goes to a file: read it when a test fails.
         self.log = log.open("w")
+        argv = ["uvicorn", "llmhub.asgi:application", "--port", str(self.port), "--log-level", "warning"]
+        self.replies = None
+        if resettable:
+            replies, reply_fd = os.pipe()
+            argv = ["tests.resettable_server", str(reply_fd), *argv]
         self.process = subprocess.Popen(
-            python_argv(
-                clock, "uvicorn", "llmhub.asgi:application", "--port", str(self.port), "--log-level", "warning"
-            ),
+            python_argv(clock, *argv),
             cwd=ROOT,
             env=server_env(redis_url),
+            stdin=subprocess.PIPE if resettable else None,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            pass_fds=(reply_fd,) if resettable else (),
         )
+        if resettable:
+            os.close(reply_fd)
+            self.replies = os.fdopen(replies)
+
+    def command(self, command: str) -> int:
+        """What the server still holds of a test (``tests.resettable_server``), after ``command`` (held, reset)."""
+        self.process.stdin.write(f"{command}\n".encode())
+        self.process.stdin.flush()
+        if not select.select([self.replies], [], [], 60)[0]:
+            raise TimeoutError(f"server on port {self.port} did not answer {command!r} within 60 s")
+        return int(self.replies.readline())
 
     def stop(self) -> None:
         # SIGTERM: uvicorn's lifespan shutdown drains the ledger before the process exits (SIGKILL if it never does).
         process_stop(self.process, grace=30)
         self.log.close()
+        if self.replies is not None:
+            self.process.stdin.close()
+            self.replies.close()
 
     def diagnostics(self) -> str:
         """What it is doing (``core.diagnostics``: every thread's and task's stack, its ledger writers), from its
@@ -170,20 +191,87 @@ def sqlite_file_locks() -> str:
     return "\n".join(lines) or "(none)"
 
 
-@pytest.fixture
-def two_servers(request, tmp_path, period_clock):
-    """Two llmhub processes; with ``request.param == "redis"`` they share the real Redis server."""
-    redis_url = request.getfixturevalue("use_redis") if request.param == "redis" else None
-    servers = [ServerProcess(redis_url, tmp_path / f"server-{n}.log", period_clock) for n in range(2)]
-    try:
-        for server in servers:
-            wait_for_port(server.port, process=server.process)
-        urls = Servers(server.url for server in servers)
-        urls.processes = servers
-        yield urls
-    finally:
-        for server in servers:
+class ServerPairs:
+    """Two llmhub processes per store ("redis": sharing the real Redis server; "database": row locks) and clock, kept
+    for a module's tests: starting a pair cost each test about ten seconds (two Django start-ups) on a loaded
+    machine, most of its time. A test finds its pair as a fresh one: told to forget the last test before it
+    starts (``tests.resettable_server``: the lookups it cached, by names this test reuses; breakers, routing
+    figures and rate windows, by ids), and waited for after it until everything it took is settled and written
+    (as stopping a server drained its ledger), before the database is emptied. A pair that still holds something of
+    a test then, or whose process ended, is stopped and another started."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.pairs: dict[tuple[str, datetime | None], Servers] = {}
+        self.started = 0
+
+    def pair(self, store: str, redis_url: str | None, clock: datetime | None) -> Servers:
+        servers = self.pairs.get((store, clock))
+        if servers is not None and (not self.alive(servers) or any(s.command("reset") for s in servers.processes)):
+            self.stop(store, clock)
+            servers = None
+        if servers is None:
+            servers = self.pairs[(store, clock)] = self.start(redis_url, clock)
+        return servers
+
+    def start(self, redis_url: str | None, clock: datetime | None) -> Servers:
+        self.started += 1
+        logs = [self.directory / f"pair-{self.started}-server-{n}.log" for n in range(2)]
+        processes = [ServerProcess(redis_url, log, clock, resettable=True) for log in logs]
+        try:
+            for server in processes:
+                wait_for_port(server.port, process=server.process)
+        except BaseException:
+            for server in processes:
+                server.stop()
+            raise
+        servers = Servers(server.url for server in processes)
+        servers.processes = processes
+        return servers
+
+    @staticmethod
+    def alive(servers: Servers) -> bool:
+        return all(server.process.poll() is None for server in servers.processes)
+
+    def settle(self, store: str, clock: datetime | None) -> None:
+        """After a test, until its pair holds nothing of it (60 s at most; then it is stopped, which drains it)."""
+        servers = self.pairs[(store, clock)]
+        deadline = time.monotonic() + 60
+        while self.alive(servers) and time.monotonic() < deadline:
+            if not any(server.command("held") for server in servers.processes):
+                return
+            time.sleep(0.05)
+        self.stop(store, clock)
+
+    def stop(self, store: str, clock: datetime | None) -> None:
+        for server in self.pairs.pop((store, clock)).processes:
             server.stop()
+
+    def stop_all(self) -> None:
+        for store, clock in list(self.pairs):
+            self.stop(store, clock)
+
+
+@pytest.fixture(scope="module")
+def server_pairs(django_db_setup, tmp_path_factory) -> Iterator[ServerPairs]:
+    pairs = ServerPairs(tmp_path_factory.mktemp("servers"))
+    try:
+        yield pairs
+    finally:
+        pairs.stop_all()
+
+
+@pytest.fixture
+def two_servers(request, period_clock, server_pairs):
+    """Two llmhub processes (the module's pair for ``request.param``, "redis" or "database", and this test's clock);
+    with "redis" they share the real Redis server, emptied for this test."""
+    store = request.param
+    redis_url = request.getfixturevalue("use_redis") if store == "redis" else None
+    servers = server_pairs.pair(store, redis_url, period_clock)
+    try:
+        yield servers
+    finally:
+        server_pairs.settle(store, period_clock)
 
 
 async def post_all(urls: list[str], secret: str, count: int, body: dict = BODY) -> list[httpx.Response]:

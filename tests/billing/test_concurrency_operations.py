@@ -28,7 +28,11 @@ from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.models import BreakerOverride, CatalogModel, Deployment, ModelMode, ProviderKind
 from providers.tokens import prompt_token_bounds
-from tests.billing.test_concurrency import servers_diagnosed_on_failure, two_servers  # noqa: F401  (the fixture)
+from tests.billing.test_concurrency import (  # noqa: F401  (the fixtures)
+    server_pairs,
+    servers_diagnosed_on_failure,
+    two_servers,
+)
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 from tests.waiting import wait_for_ledger_rows
 
