@@ -22,8 +22,6 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import PERIOD_INSTANTS
-
 # The fixtures (or parameters) that choose a test's budget store: "redis" or "database".
 STORE_PARAMETERS = ("store", "store_kind", "two_servers", "counters_store")
 
@@ -80,6 +78,11 @@ def _uses_database(item: pytest.Item) -> bool:
 
 def _instant_elsewhere(item: pytest.Item, params: dict) -> bool:
     """Whether ``item`` runs at one of its test's several instants other than the one kept here."""
+    # Imported here, not at the top: this plugin is loaded (``-p``) before pytest-django has configured Django, and
+    # tests.conftest imports the project, which would then set it up under the development settings (SQLite's
+    # db.sqlite3, Celery's file broker) for the whole run.
+    from tests.conftest import PERIOD_INSTANTS
+
     marker = item.get_closest_marker("period_instants")
     if marker is None or "period_clock" not in params:
         return False
