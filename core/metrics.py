@@ -137,12 +137,18 @@ def _identity_alive(identity: str) -> bool:
 
 
 def _directory_owned(directory: Path) -> bool:
+    """Whether a ``run-<pid>`` sibling is in use: its marker's owner lives, or the process it is named for does.
+    The name counts even under a marker of a dead owner: a process the directory was handed to (its environment's
+    ``PROMETHEUS_MULTIPROC_DIR``: a Celery worker, a server a test starts) takes it over when the marker is missing
+    or stale and leaves its own identity there when it exits, while the process that chose the directory still
+    writes and reads it (a test worker's scrape found its directory removed)."""
     try:
-        return _identity_alive((directory / OWNER_FILE).read_text().strip())
+        if _identity_alive((directory / OWNER_FILE).read_text().strip()):
+            return True
     except (FileNotFoundError, NotADirectoryError):
-        # No marker yet: a server may be starting in it right now; leave it unless its name's pid is gone.
-        pid = directory.name.removeprefix("run-")
-        return pid.isdigit() and _process_identity(int(pid)) is not None
+        pass  # no marker yet: a server may be starting in it right now
+    pid = directory.name.removeprefix("run-")
+    return pid.isdigit() and _process_identity(int(pid)) is not None
 
 
 # THE METRICS

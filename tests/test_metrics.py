@@ -649,6 +649,23 @@ def test_a_new_owner_empties_the_directory_and_a_live_one_keeps_it(tmp_path):
     assert not (directory / "counter_2.db").exists()
 
 
+def test_a_sibling_directory_whose_namesake_lives_is_kept_whoever_its_marker_names(tmp_path):
+    """A server starting removes the ``run-<pid>`` siblings nobody uses. A directory handed to another process (its
+    environment's ``PROMETHEUS_MULTIPROC_DIR``: a Celery worker) can end with that process's identity in its marker
+    after it exits, while the process it is named for still uses it: it stays. One whose namesake is gone goes."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    mine = tmp_path / f"run-{os.getpid()}"
+    abandoned = tmp_path / f"run-{dead_pid}"
+    for directory in (mine, abandoned):
+        directory.mkdir()
+        (directory / core_metrics.OWNER_FILE).write_text(f"{dead_pid}:12345\n")  # the handed-to process, gone
+        (directory / "counter_1.db").write_bytes(b"counts")
+    core_metrics._directory_prepare(tmp_path / "run-1")  # another server starting beside them
+    assert (mine / "counter_1.db").exists()
+    assert not abandoned.exists()
+
+
 def test_a_dead_workers_in_flight_requests_are_not_summed_for_ever(llmhub_server, scraping, tmp_path):
     """A worker killed with requests in flight leaves its live gauge file; the next scrape drops it."""
     directory = Path(os.environ[core_metrics.ENV])
