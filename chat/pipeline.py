@@ -1737,10 +1737,10 @@ class CompletionRun:
             body = adapter.prepare_request(self._upstream_body(target), target)
             body.pop("stream", None)
             body.pop("stream_options", None)
+            searches = adapter.web_searches(body, target)
             if self.operation == Operation.COMPLETIONS:
                 with _prompt_named():
                     return await adapter.text_complete(body)
-            searches = adapter.web_searches(body, target)
             return await adapter.complete(body)
 
         def settle(call: _Call) -> None:
@@ -1858,10 +1858,10 @@ class CompletionRun:
                 body["stream"] = True
                 nonlocal thought
                 thought = _claude_thinks(target.provider, body)
+                asking = adapter.web_searches(body, target)
                 if self.operation == Operation.COMPLETIONS:
                     with _prompt_named():
                         return await self._first(adapter.text_stream(body))
-                asking = adapter.web_searches(body, target)
                 return await self._first(adapter.stream(body))
 
             return once

@@ -94,10 +94,10 @@ class BaseAdapter(ABC):
 
     def web_searches(self, body: dict[str, Any], model: ResolvedModel) -> int:
         """The web searches the provider runs for ``body`` on ``model`` and bills apart from the tokens without a word
-        of them in its usage, for the settle step to charge: ``body`` a chat completion as ``prepare_request`` made it,
-        or a Messages request the adapter translates (``messages``, ``messages_stream``). Default: none (a translation
-        leaves ``web_search_options`` out, and Anthropic's usage counts its own searches); ``OpenAIAdapter`` counts
-        the one it asks for, and the one a model that searches on every request runs."""
+        of them in its usage, for the settle step to charge: ``body`` a chat completion or a text completion as
+        ``prepare_request`` made it, or a Messages request the adapter translates (``messages``, ``messages_stream``).
+        Default: none (a translation leaves ``web_search_options`` out, and Anthropic's usage counts its own searches);
+        ``OpenAIAdapter`` counts the one it asks for, and the one a model that searches on every request runs."""
         return 0
 
     async def messages(

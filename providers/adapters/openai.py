@@ -192,7 +192,11 @@ class OpenAIAdapter(BaseAdapter):
         """The search ``web_search_options`` asks for, which the field is sent on for, or the one a model that searches
         on every request runs whatever it is asked (``searches_every_request``: OpenAI's search models; a Messages
         request translated to one too): ``chat_web_searches``. OpenAI's search models run it before each answer and
-        bill it per call, as a server in front of them does."""
+        bill it per call, as a server in front of them does. A text completion (``/v1/completions``: a ``prompt``, no
+        ``messages``) runs none: OpenAI's completions take no ``web_search_options``, and its search models answer
+        chat completions alone (``web_searches_bound`` counts none either)."""
+        if not isinstance(body.get("messages"), list):
+            return 0
         return chat_web_searches(body, every_request=model.searches_every_request)
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
@@ -695,7 +699,9 @@ class OpenAIPlatformAdapter(OpenAIAdapter):
 class OpenRouterAdapter(OpenAIAdapter):
     """OpenRouter (kind ``openrouter``): the OpenAI adapter, counting the web results of OpenRouter's web plugin, which
     it bills per result, not per request (``web_plugin_results``: ``plugins: [{"id": "web"}]``, or a model id ending
-    ``:online``), each one a unit of the deployment's ``web_search_per_1k`` (OpenRouter's $4 per 1,000 results). A
+    ``:online``), each one a unit of the deployment's ``web_search_per_1k`` (OpenRouter's $4 per 1,000 results), on
+    a text completion too (its ``prompt`` is grounded as a chat's messages are: ``:online`` is the plugin for any
+    request to the model, and a ``plugins`` field is sent on as the rest of the body is). A
     /v1/messages request's ``plugins`` is sent on in its translation, as a chat completion's is: OpenRouter's own
     field, which the other providers are not sent."""
 

@@ -118,3 +118,37 @@ def test_a_messages_request_sends_the_plugin_to_openrouter_and_is_charged_its_re
     assert router.upstream.requests[-1]["body"]["plugins"] == [{"id": "web", "max_results": 4}]
     record = wait_for_record(raw.headers["x-request-id"])
     assert (record.web_search_requests, record.cost) == (4, TOKENS + 4 * RESULT)
+
+
+@pytest.mark.parametrize(
+    ("model", "plugins", "results"),
+    [
+        ("router-test", [{"id": "web", "max_results": 3}], 3),
+        ("router-online", None, 5),
+        ("gpt-test", [{"id": "web"}], 0),  # not OpenRouter: no plugin runs
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_text_completion_with_the_web_plugin_is_charged_its_results(router, model, plugins, results, stream):
+    """A /v1/completions request to OpenRouter with the plugin, or to an ``:online`` id, goes up with it (its
+    ``plugins`` sent on as the rest of the body, its model id the ``:online`` one) and is charged its results, as a
+    chat completion is. Before, admission reserved them and the row charged none (a process lost before settling
+    charged them all), so OpenRouter's results went unpaid and a key could spend past its budget by them."""
+    Deployment.objects.filter(model__name="gpt-test").update(**PRICES)
+    client = router.client()
+    prompt = "weather [[reply=sunny today]]"
+    extra = {} if plugins is None else {"plugins": plugins}
+    if stream:
+        with client.completions.with_streaming_response.create(
+            model=model, prompt=prompt, max_tokens=10, stream=True, extra_body=extra
+        ) as response:
+            assert "sunny" in "".join(response.iter_lines())
+            request_id = response.headers["x-request-id"]
+    else:
+        raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=10, extra_body=extra)
+        assert raw.parse().choices[0].text
+        request_id = raw.headers["x-request-id"]
+    record = wait_for_record(request_id)
+    sent = router.upstream.requests[-1]
+    assert (sent["path"], sent["body"].get("plugins")) == ("/v1/completions", plugins)
+    assert (record.web_search_requests, record.cost) == (results, Decimal("0.0000070000") + results * RESULT)
