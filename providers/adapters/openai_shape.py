@@ -356,9 +356,11 @@ def completion_conform(
         message.setdefault("refusal", None)
         _conform_tool_calls(message.get("tool_calls"), streamed=False)
         _whole_function_mended(message.get("function_call"))
-        for name in ("tool_calls", "function_call"):
+        for name in ("tool_calls", "function_call", "annotations"):
             if name in message and message[name] is None:
-                del message[name]  # a server's null for none (vLLM, LM Studio): OpenAI's schema leaves them out
+                # A server's null for none (vLLM's every unset field, LM Studio): OpenAI's schema types them as an array
+                # or an object, and leaves them out.
+                del message[name]
         _finish_mended(choice)
         if choice.get("finish_reason") is None:
             # A finished completion always has a reason; a server that leaves it out stopped normally.

@@ -639,6 +639,35 @@ def test_a_choices_role_or_logprobs_openai_does_not_allow_is_its_own(gateway, me
     assert "".join(text for text in texts if text) == "Hello world"
 
 
+# vLLM's whole reply as its server sends it (``JSONResponse(content=response.model_dump())``): every field of its
+# ``ChatMessage`` and ``ChatCompletionResponse`` left unset is there as null.
+VLLM_MESSAGE = {
+    "role": "assistant",
+    "content": "Hello there",
+    "refusal": None,
+    "annotations": None,
+    "audio": None,
+    "function_call": None,
+    "tool_calls": [],
+    "reasoning_content": None,
+}
+
+
+def test_a_vllm_whole_reply_with_its_nulls_is_relayed_in_openais_schema(gateway):
+    """Before: its ``"annotations": null`` was relayed as it came, which OpenAI's schema types as an array (as it does
+    ``tool_calls`` and ``function_call``, whose nulls 3ca9470 left out), so a client validating against the spec (or a
+    typed SDK) got every reply of a vLLM deployment out of schema; it is left out, as OpenAI leaves it out."""
+    answer = completion(dict(VLLM_MESSAGE), service_tier=None, system_fingerprint=None, prompt_logprobs=None)
+    answer["choices"][0]["stop_reason"] = None
+    response, record = whole(gateway, answer)
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    message = response.json()["choices"][0]["message"]
+    assert "annotations" not in message
+    assert message["content"] == "Hello there"
+    assert record.status == UsageStatus.OK
+
+
 @pytest.mark.parametrize("refusal", [5, {"text": "no"}], ids=["a number", "an object"])
 def test_a_refusal_that_is_not_text_is_a_malformed_reply(gateway, refusal):
     """Before: relayed as it came, a reply OpenAI's schema refuses, shown by no client."""
