@@ -617,6 +617,9 @@ class TextCompletionShape:
             data["model"], valid = self._model, False
         if data.get("object") != _TEXT_COMPLETION:
             data["object"], valid = _TEXT_COMPLETION, False
+        if "system_fingerprint" in data and type(data["system_fingerprint"]) is not str:
+            del data["system_fingerprint"]  # vLLM's null (the schema types it as text), or a server's other value
+            valid = False
         choices = data.get("choices")
         if whole and (type(choices) is not list or not choices):
             # Nothing answered: relayed, a 200 with an empty answer, taken by the client (and billed) as the model's.

@@ -422,6 +422,33 @@ def test_what_a_server_left_out_is_filled_in_and_what_is_not_text_is_a_502(gatew
     assert "text completion" in failed.value.body["message"]
 
 
+def test_a_vllm_completion_with_its_nulls_is_relayed_in_openais_schema(gateway):
+    """vLLM's whole text completion as its server sends it (``model_dump()``: every field left unset as null). Before,
+    its ``"system_fingerprint": null`` was relayed as it came, which ``CreateCompletionResponse`` types as a string
+    (a chat completion's was left out since 3d6f3f1), so every whole reply of a vLLM deployment to /v1/completions was
+    out of OpenAI's schema for a client validating against it; it is left out."""
+    reply = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "fake-gpt-4o-mini",
+        "choices": [
+            {"index": 0, "text": "ok", "logprobs": None, "finish_reason": "length", "stop_reason": None},
+        ],
+        "service_tier": None,
+        "system_fingerprint": None,
+        "usage": {"prompt_tokens": 2, "total_tokens": 3, "completion_tokens": 1, "prompt_tokens_details": None},
+        "kv_transfer_params": None,
+    }
+    raw = gateway.client().completions.with_raw_response.create(
+        model="gpt-test", prompt=raw_directive(json.dumps(reply).encode())
+    )
+    answer = json.loads(raw.http_response.text)
+    validate_openai_schema(answer, "CreateCompletionResponse")
+    assert "system_fingerprint" not in answer
+    assert (answer["choices"][0]["text"], answer["usage"]["total_tokens"]) == ("ok", 3)
+
+
 def test_a_streamed_completion_the_output_check_blocks_ends_in_band(gateway):
     policy_on("gpt-test", blocklist="forbidden", check_input=False)
     reply, payloads = sse(gateway, {"model": "gpt-test", "prompt": "[[reply=one two forbidden three]]"})
