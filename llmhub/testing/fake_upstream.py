@@ -132,6 +132,9 @@ Replies
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
     ``refusal`` (each message or delta), ``tool_calls.type``, ``tool_calls.index``, ``usage.total_tokens``.
+    ``[[nulls=NAME,...]]`` (OpenAI only) says null for each of ``role``, ``tool_calls`` and ``function_call`` named
+    that a delta (streamed: every chunk's) or a message lacks, as vLLM, LM Studio, llama.cpp and some OpenRouter
+    routes say none.
     ``[[thinking=some text]]`` (Anthropic only, in a request whose ``thinking`` is enabled: ``{"type": "enabled",
     "budget_tokens": N}`` or ``{"type": "adaptive"}``) puts a ``thinking`` block of that text, with a ``signature``,
     before the reply, as extended thinking does (streamed: ``thinking_delta`` events in pieces, then a
@@ -520,6 +523,22 @@ def _omitted(data: dict[str, Any], names: frozenset[str], *, chunk: bool = False
                     call.pop(name.removeprefix("tool_calls."), None)
     if "usage.total_tokens" in names and isinstance(data.get("usage"), dict):
         data["usage"].pop("total_tokens", None)
+    return data
+
+
+_NULLABLE_FIELDS = frozenset({"role", "tool_calls", "function_call"})
+
+
+def _nulled(data: dict[str, Any], names: frozenset[str], *, chunk: bool = False) -> dict[str, Any]:
+    """``data`` with null for each field ``[[nulls=...]]`` names that a delta or message lacks (module docstring)."""
+    if not names & _NULLABLE_FIELDS:
+        return data
+    data = copy.deepcopy(data)
+    for choice in data.get("choices") or ():
+        message = choice.get("delta" if chunk else "message")
+        if isinstance(message, dict):
+            for name in names & _NULLABLE_FIELDS:
+                message.setdefault(name, None)
     return data
 
 
@@ -2275,6 +2294,7 @@ class _App:
         logprobs = body.get("logprobs") is True
         top = _int_or_none(body.get("top_logprobs")) or 0
         omit = frozenset(name.strip() for name in conv.directives.get("omit", "").split(",") if name.strip())
+        nulls = frozenset(name.strip() for name in conv.directives.get("nulls", "").split(",") if name.strip())
         vllm_stop_reason = conv.directives.get("stop_reason") == "vllm"
         if stream:
             stream_options = body.get("stream_options")
@@ -2295,6 +2315,7 @@ class _App:
                 timing,
                 fault,
                 omit,
+                nulls=nulls,
                 obfuscation=obfuscation,
                 usage_on_finish=usage_on_finish,
                 lead=lead,
@@ -2320,7 +2341,7 @@ class _App:
         }
         if conv.directives.get("usage") == "none":
             del answer["usage"]
-        return web.json_response(_omitted(answer, omit), headers={"x-request-id": _new_id("req_")})
+        return web.json_response(_nulled(_omitted(answer, omit), nulls), headers={"x-request-id": _new_id("req_")})
 
     async def _raw_answer(
         self, request: web.Request, spelt: str, *, stream: bool, encoding: str | None = None
@@ -2437,6 +2458,7 @@ class _App:
         fault: str | None,
         omit: frozenset[str] = frozenset(),
         *,
+        nulls: frozenset[str] = frozenset(),
         obfuscation: bool = False,
         usage_on_finish: bool = False,
         lead: _OpenAILead | None = None,
@@ -2447,7 +2469,8 @@ class _App:
         """``usage``: reported in a chunk of its own, with no choices, after the finishes (OpenAI's
         ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's). ``lead``: the
         reasoning and the preamble streamed before the reply (each choice opens with its role alone, and a
-        call after them). ``vllm_stop_reason``: each finish carries vLLM's ``stop_reason`` too."""
+        call after them). ``vllm_stop_reason``: each finish carries vLLM's ``stop_reason`` too. ``nulls``: the fields
+        each delta says null when it lacks them (``[[nulls=...]]``)."""
         leading = lead if lead is not None and lead.present else None
         base = {
             "id": _new_id("chatcmpl-", 29),
@@ -2470,7 +2493,7 @@ class _App:
             if isinstance(data, str):
                 payload = data
             else:
-                data = _omitted(data, omit, chunk=True)
+                data = _nulled(_omitted(data, omit, chunk=True), nulls, chunk=True)
                 if obfuscation and "error" not in data:
                     data["obfuscation"] = "".join(
                         _PADDING_RANDOM.choices(_OBFUSCATION_CHARACTERS, k=_PADDING_RANDOM.randint(1, 16))

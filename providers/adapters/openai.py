@@ -32,7 +32,7 @@ from ..rules import OUTPUT_LIMITS
 from ..tokens import chat_web_searches, web_plugin_results
 from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from . import sdk_requests
-from .base import BaseAdapter, WireChunk
+from .base import BaseAdapter, WireChunk, chunk_json
 from .common import (
     BatchesAnswered,
     assistant_fields_dropped,
@@ -365,12 +365,17 @@ class OpenAIAdapter(BaseAdapter):
         # the client's SSE framing, so that one is encoded again.
         # So is one that held a number JSON has not (NaN, an infinity), read as another (``json_constant``).
         raw = data if b"\n" not in data and b"\r" not in data and not constants else None
-        if not shape.conform(chunk):
-            raw = None  # filled in where the upstream left out what OpenAI's schema requires
-        elif raw is not None and not state.finished:
-            state.texts.learn(chunk, raw)
-            state.arguments.learn(chunk, raw)
-        return WireChunk(chunk, raw)
+        if shape.conform(chunk):
+            relayed = raw
+        else:
+            # Filled in where the upstream left out (or said null for) what OpenAI's schema requires: encoded again.
+            # A text chunk so filled is learned with those bytes, which the chunks like it are then relayed as
+            # (``text_chunks``): vLLM's and LM Studio's every chunk says ``"tool_calls": null``.
+            relayed = None if raw is None else chunk_json(chunk)
+        if raw is not None and not state.finished:
+            state.texts.learn(chunk, raw, None if relayed is raw else relayed)
+            state.arguments.learn(chunk, raw, None if relayed is raw else relayed)
+        return WireChunk(chunk, relayed)
 
     serves_completions = True
 

@@ -485,6 +485,7 @@ class StreamShape:
             role = delta.get("role")
             if role is not None and not (type(role) is str and role in _DELTA_ROLES):
                 del delta["role"]
+            _nulls_left_out(delta)
             self._calls_numbered(choice["index"], delta.get("tool_calls"))
             _conform_tool_calls(delta.get("tool_calls"), streamed=True)
             choice.setdefault("finish_reason", None)
@@ -515,6 +516,35 @@ class StreamShape:
         self._calls[choice_index] = (current, current_id)
 
 
+# What a delta may not say null for none (vLLM, LM Studio, llama.cpp and some OpenRouter routes do): OpenAI's schema
+# (``ChatCompletionStreamResponseDelta``) types ``role`` as one of its roles, ``tool_calls`` as an array,
+# ``function_call`` and a tool call's ``function`` as objects, and a function's ``name`` and ``arguments`` as text,
+# none nullable (a tool call's ``id`` and ``type`` that are not text are left out by ``_conform_tool_calls``).
+# ``content`` and ``refusal`` are nullable, as are a choice's ``logprobs`` and ``finish_reason`` and the chunk's
+# ``usage``.
+_DELTA_NOT_NULL = ("role", "tool_calls", "function_call")
+_FUNCTION_NOT_NULL = ("name", "arguments")
+
+
+def _nulls_left_out(delta: dict[str, Any]) -> None:
+    """Leave out, in place, each field of ``delta`` (and of its functions) that is null where OpenAI's schema
+    does not allow it: a null there says none, as a field left out does."""
+    for name in _DELTA_NOT_NULL:
+        if name in delta and delta[name] is None:
+            del delta[name]
+    functions = [delta.get("function_call")]
+    for call in delta.get("tool_calls") or ():
+        if type(call) is dict:
+            if "function" in call and call["function"] is None:
+                del call["function"]
+            functions.append(call.get("function"))
+    for function in functions:
+        if type(function) is dict:
+            for name in _FUNCTION_NOT_NULL:
+                if name in function and function[name] is None:
+                    del function[name]
+
+
 def _choice_valid(choice: Any) -> bool:
     if type(choice) is not dict or type(choice.get("index")) is not int or "finish_reason" not in choice:
         return False
@@ -533,14 +563,18 @@ def _choice_valid(choice: Any) -> bool:
         role is not None and (type(role) is not str or role not in _DELTA_ROLES)
     ):
         return False
-    if not _is_text(delta.get("refusal")):
+    if (role is None and "role" in delta) or not _is_text(delta.get("refusal")):
         return False
     function = delta.get("function_call")
-    if function is not None and not _function_valid(function):
+    if function is not None:
+        if not _function_given(function):
+            return False
+    elif "function_call" in delta:
         return False
     calls = delta.get("tool_calls")
     if calls is None:
-        return True
+        # Tool calls said null (a server's for none) are not of the schema's types: left out by ``_fill``.
+        return "tool_calls" not in delta
     if type(calls) is not list:
         return False
     for call in calls:
@@ -549,13 +583,21 @@ def _choice_valid(choice: Any) -> bool:
         if type(call.get("id", "")) is not str or type(call.get("type", "")) is not str:
             return False
         function = call.get("function")
-        if function is not None and not _function_valid(function):
+        if (function is None and "function" in call) or (function is not None and not _function_given(function)):
             return False
     return True
 
 
 def _function_valid(function: Any) -> bool:
     return type(function) is dict and _is_text(function.get("arguments")) and _is_text(function.get("name"))
+
+
+def _function_given(function: Any) -> bool:
+    """A streamed function piece as OpenAI's schema has it: an object whose name and arguments, when there, are
+    text (null is not: ``_nulls_left_out``)."""
+    return (
+        type(function) is dict and type(function.get("arguments", "")) is str and type(function.get("name", "")) is str
+    )
 
 
 def _usage_valid(usage: Any) -> bool:

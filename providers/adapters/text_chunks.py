@@ -18,8 +18,11 @@ place for, scanned as the text is.
 
 Anything else (a finish reason, a usage report, the chunk that opens a tool call, a text whose quote closes
 the string early, an upstream whose chunks vary in more than their text and padding) is decoded as before,
-and becomes the template if it is a text chunk. What the relay sends is the upstream's bytes either way
-(``WireChunk.raw``).
+and becomes the template if it is a text chunk. What the relay sends is the upstream's bytes
+(``WireChunk.raw``), unless the chunk learned was filled in (``openai_shape``: vLLM's ``"tool_calls": null`` in
+every delta, left out): then the bytes it was relayed as around the text, with the later chunk's text (and
+padding) between them, as they came. The fill is the same for every chunk alike but for its text, so this is
+what filling each in and encoding it again would send, without the decode or the encoding.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class TextChunks:
         "_lp",
         "_ls",
         "_middle",
+        "_out",
         "_pad",
         "_pad_first",
         "_pad_key",
@@ -88,6 +92,9 @@ class TextChunks:
         # start (None without), and whether the padding comes first.
         self._middle: bytes | None = None
         self._pad_first = False
+        # When the chunk learned was relayed as other bytes than the upstream's (filled in): those bytes before the
+        # first string, between the two and after the last (None: relay the upstream's).
+        self._out: tuple[bytes, bytes, bytes] | None = None
         # The template: the chunk, and each step down with the container it leads to, to the text's.
         self._top: dict[str, Any] = {}
         self._steps: tuple[tuple[str | int, Any], ...] = ()
@@ -119,6 +126,12 @@ class TextChunks:
             return None
         if text is None or (middle is not None and padding is None):
             return None
+        out = self._out
+        if out is not None:
+            if middle is None:
+                data = out[0] + data[start:end] + out[2]
+            else:
+                data = out[0] + data[start:stop] + out[1] + data[second:end] + out[2]
         # A copy of each container on the way down (the rest are scalars, shared safely), the strings put in.
         chunk = node = self._kind(self._top, data)
         if padding is not None:
@@ -128,11 +141,12 @@ class TextChunks:
         node[self._text_key] = text
         return chunk
 
-    def learn(self, chunk: dict[str, Any], raw: bytes) -> None:
+    def learn(self, chunk: dict[str, Any], raw: bytes, relayed: bytes | None = None) -> None:
         """Take ``chunk`` (decoded from ``raw``) as the template, if its text at ``path`` is a string and
         nothing else in it could be taken for the text or change under it: on the way down, a list holds
         only the step taken, a dict nothing but scalars beside it, and no other key is the text's (or, when
-        the chunk has a padding string, the padding's)."""
+        the chunk has a padding string, the padding's). ``relayed``: the bytes ``chunk`` is relayed as when they
+        are not ``raw`` (it was filled in), which later chunks are relayed as, with their own text."""
         if self._builds >= _MAX_BUILDS:
             return
         nodes: list[Any] = []
@@ -152,26 +166,47 @@ class TextChunks:
         self._builds += 1
         # With no other key of the text's name, the one match is the text's: a string value cannot hold the
         # pattern (its quotes would be escaped). None when the key is spelled with escapes.
-        text = _span(self._key, raw, node[text_key])
-        if text is None:
-            return
-        spans = [text]
         padding = chunk.get(self._pad) if self._pad is not None else None
-        if type(padding) is str:
-            # A padding string elsewhere than at the top (where only scalars sit beside the path) would be a
-            # second match of its key: not learned.
-            pad = _span(self._pad_key, raw, padding)  # type: ignore[arg-type]  (a key when there is a padding)
-            if pad is None:
+        found = self._spans(raw, node[text_key], padding)
+        if found is None:
+            return
+        spans, pad_first = found
+        out = None
+        if relayed is not None:
+            found = self._spans(relayed, node[text_key], padding)
+            if found is None or found[1] != pad_first:
                 return
-            spans.append(pad)
-        spans.sort()
+            relayed_spans = found[0]
+            out = (
+                relayed[: relayed_spans[0][0]],
+                relayed[relayed_spans[0][1] : relayed_spans[1][0]] if len(relayed_spans) == 2 else b"",
+                relayed[relayed_spans[-1][1] :],
+            )
+        self._out = out
         self._prefix, self._suffix = raw[: spans[0][0]], raw[spans[-1][1] :]
         self._lp, self._ls = spans[0][0], len(raw) - spans[-1][1]
         self._middle = raw[spans[0][1] : spans[1][0]] if len(spans) == 2 else None
-        self._pad_first = len(spans) == 2 and spans[0] is not text
+        self._pad_first = pad_first
         # Copies: the chunk's own containers go on to the relay, and the template must not change with them.
         copies = [item.copy() for item in nodes]
         self._top, self._steps = copies[0], tuple(zip(self._path[:-1], copies[1:], strict=True))
+
+    def _spans(self, data: bytes, text: str, padding: Any) -> tuple[list[tuple[int, int]], bool] | None:
+        """Where in ``data`` the text's string body is, and the padding's when the chunk has one, in their order;
+        and whether the padding comes first. None when either is not found once."""
+        span = _span(self._key, data, text)
+        if span is None:
+            return None
+        spans = [span]
+        if type(padding) is str:
+            # A padding string elsewhere than at the top (where only scalars sit beside the path) would be a
+            # second match of its key: not learned.
+            pad = _span(self._pad_key, data, padding)  # type: ignore[arg-type]  (a key when there is a padding)
+            if pad is None:
+                return None
+            spans.append(pad)
+        spans.sort()
+        return spans, len(spans) == 2 and spans[0] is not span
 
 
 @functools.lru_cache(maxsize=64)

@@ -90,6 +90,20 @@ async def test_streamed_reply_is_relayed_and_persisted(alice, chat_model, socket
     assert reply.usage_record_id == record.request_id
 
 
+async def test_a_reply_whose_deltas_say_null_for_none_is_relayed_as_its_text(alice, chat_model, socket_for):
+    """An OpenAI-compatible server that says ``"role": null``, ``"tool_calls": null`` and ``"function_call": null``
+    in every delta (vLLM, LM Studio, llama.cpp): the chat page gets the text, and no call is made of a null."""
+    ws = await socket_for(alice)
+    await send(ws, content="Hello there [[nulls=role,tool_calls,function_call]]", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+
+    assert events[-1]["type"] == "chat.completed", events[-1]
+    assert deltas(events, "r1") == "Echo: Hello there"
+    assert events[-1]["finish_reason"] == "stop"
+    reply = await Message.objects.aget(pk=events[0]["message"])
+    assert (reply.content, reply.status) == ("Echo: Hello there", MessageStatus.COMPLETE)
+
+
 async def test_a_reasoning_models_reasoning_streams_before_its_reply_and_is_kept_with_it(
     alice, chat_model, socket_for, fake_upstream
 ):

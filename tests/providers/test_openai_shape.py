@@ -197,6 +197,96 @@ def test_any_chunk_is_malformed_or_read_as_openais_types(chunk):
     chunk_json(chunk)
 
 
+def _or_null(value: st.SearchStrategy) -> st.SearchStrategy:
+    return value | st.none()
+
+
+# Chunks as the servers that say null for none send them: the fields of a delta, a call and a function, each null now
+# and then (``_REPLY``'s are so odd that a null among otherwise valid fields is rare).
+_PIECE_FUNCTION = st.fixed_dictionaries(
+    {}, optional={"name": _or_null(st.text(max_size=5)), "arguments": _or_null(st.text(max_size=5))}
+)
+_PIECE_CALL = st.fixed_dictionaries(
+    {"index": st.integers(0, 2)},
+    optional={
+        "id": _or_null(st.text(max_size=5)),
+        "type": _or_null(st.just("function")),
+        "function": _or_null(_PIECE_FUNCTION),
+    },
+)
+_NULLISH_DELTA = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": _or_null(st.just("assistant")),
+        "content": _or_null(st.text(max_size=5)),
+        "refusal": _or_null(st.text(max_size=5)),
+        "tool_calls": _or_null(st.lists(_PIECE_CALL, max_size=2)),
+        "function_call": _or_null(_PIECE_FUNCTION),
+    },
+)
+_NULLISH_CHUNK = st.fixed_dictionaries(
+    {
+        "id": st.just("chatcmpl-1"),
+        "object": st.just("chat.completion.chunk"),
+        "created": st.just(1700000000),
+        "model": st.just("m"),
+        "choices": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "index": st.integers(0, 2),
+                    "delta": _NULLISH_DELTA,
+                    "finish_reason": _or_null(st.sampled_from(["stop", "length", "tool_calls"])),
+                },
+                optional={"logprobs": st.none()},
+            ),
+            max_size=2,
+        ),
+    },
+    optional={"usage": st.none()},
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(chunk=_NULLISH_CHUNK | _REPLY)
+def test_any_chunk_let_through_is_of_openais_stream_schema(chunk):
+    """The stream twin of ``test_any_whole_reply_is_malformed_or_read_as_openais_types``: a chunk the adapter lets
+    through validates against ``CreateChatCompletionStreamResponse``, whatever the upstream said null (before, a
+    delta's ``"tool_calls": null``, ``"function_call": null`` or ``"role": null`` was taken as valid and relayed)."""
+    try:
+        StreamShape("m").conform(chunk)
+    except MalformedReply:
+        return
+    usage = chunk.get("usage")
+    if usage is not None and not ("prompt_tokens" in usage and "completion_tokens" in usage):
+        del chunk["usage"]  # a count left out is settlement's to estimate, and the pipeline's to fill in
+    validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+
+
+STREAM_NULLS = {
+    "tool_calls": {"content": "hi", "tool_calls": None},
+    "function_call": {"content": "hi", "function_call": None},
+    "role": {"role": None, "content": "hi"},
+    "all three": {"role": None, "content": "hi", "tool_calls": None, "function_call": None},
+    "a call's name and id": {"tool_calls": [{"index": 0, "id": None, "function": {"name": None, "arguments": "{"}}]},
+    "a function call's name": {"function_call": {"name": None, "arguments": "{"}},
+    "a call's function": {"tool_calls": [{"index": 0, "id": "call_1", "function": None}]},
+}
+
+
+@pytest.mark.parametrize("delta", STREAM_NULLS.values(), ids=STREAM_NULLS)
+def test_a_deltas_nulls_the_schema_does_not_allow_are_left_out(delta):
+    """vLLM, LM Studio, llama.cpp and some OpenRouter routes say null for none in every delta. Before, such a chunk
+    was taken as valid and relayed as it came (and learned as the template of the stream's text chunks)."""
+    choice = {"index": 0, "delta": copy.deepcopy(delta), "finish_reason": None}
+    chunk = {**copy.deepcopy(VALID_CHUNK), "choices": [choice]}
+
+    assert StreamShape("m").conform(chunk) is False  # encoded again, not relayed as it came
+    validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    said = {key: value for key, value in delta.items() if value is not None and key in ("role", "content")}
+    assert {key: chunk["choices"][0]["delta"][key] for key in said} == said
+    assert not any(value is None for value in chunk["choices"][0]["delta"].values())
+
+
 @pytest.mark.parametrize(
     "nulls", [{"function_call": None}, {"tool_calls": None}, {"function_call": None, "tool_calls": None}]
 )

@@ -1,0 +1,117 @@
+"""A stream whose deltas say null for none (``"role": null``, ``"tool_calls": null``, ``"function_call": null``, as
+vLLM, LM Studio, llama.cpp and some OpenRouter routes send them in every chunk; the fake upstream's ``[[nulls=...]]``):
+every chunk a client of ``/v1/chat/completions`` gets is of OpenAI's stream schema, and the translations fed by such a
+stream (``/v1/messages``, ``/v1/responses`` on an OpenAI-protocol deployment) neither break nor make an empty call
+of a null."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from billing.models import UsageStatus
+from llmhub.testing.openapi import validate_openai_schema
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NULLS = "[[nulls=role,tool_calls,function_call]]"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def chat_stream(gateway, content: str, **extra: Any) -> tuple[list[dict[str, Any]], list[bytes], str]:
+    """The chunks a client of /v1/chat/completions got (decoded), the upstream's own lines (to see that it said the
+    nulls), and the request's id; the stream must end with ``[DONE]``."""
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": content}], "stream": True, **extra}
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=20,
+    ) as response:
+        assert response.status_code == 200, response.read()
+        raw = response.read()
+        request_id = response.headers["x-request-id"]
+    payloads = [block.removeprefix(b"data: ") for block in raw.split(b"\n\n") if block]
+    assert payloads[-1] == b"[DONE]", raw
+    return [json.loads(payload) for payload in payloads[:-1]], payloads[:-1], request_id
+
+
+def test_a_text_stream_whose_deltas_say_null_for_none_is_relayed_of_openais_schema(gateway):
+    """Before, every chunk was relayed with its nulls (the first decoded one taken as valid, the rest read from it
+    without a decode), which OpenAI's schema types as a role, an array and an object: a typed client failed on the
+    stream's first chunk."""
+    chunks, lines, request_id = chat_stream(gateway, f"[[words=12]] {NULLS}", stream_options={"include_usage": True})
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert all(b'"tool_calls":null' not in line and b'"tool_calls": null' not in line for line in lines)
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+    assert len(text.split()) == 12
+    record = wait_for_record(request_id)
+    assert (record.status, record.completion_tokens) == (UsageStatus.OK, 12)
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    # What the upstream itself sends, straight: the nulls in every chunk's delta.
+    direct = httpx.post(
+        gateway.upstream.base_url + "/v1/chat/completions",
+        json={"model": "fake-gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": f"hi {NULLS}"}]},
+        timeout=20,
+    )
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in direct.text.splitlines() if "delta" in line]
+    assert deltas and all({"tool_calls", "function_call"} <= set(delta) for delta in deltas)
+    assert [delta["role"] for delta in deltas][1:] == [None] * (len(deltas) - 1)
+
+
+def test_a_tool_call_stream_whose_deltas_say_null_for_none_relays_the_one_call(gateway):
+    chunks, _, request_id = chat_stream(gateway, f"Paris {NULLS}", tools=[WEATHER])
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    pieces = [call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls") or ()]
+    assert {piece["index"] for piece in pieces} == {0}
+    assert [piece["function"]["name"] for piece in pieces if piece["function"].get("name")] == ["get_weather"]
+    assert json.loads("".join(piece["function"].get("arguments") or "" for piece in pieces)) == {"city": "Paris"}
+    assert wait_for_record(request_id).status == UsageStatus.OK
+
+
+@pytest.mark.parametrize("tools", [False, True], ids=["text", "tool call"])
+def test_the_messages_translation_of_such_a_stream_makes_no_call_of_a_null(gateway, tools):
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    request: dict[str, Any] = {"model": "gpt-test", "max_tokens": 100}
+    if tools:
+        request["tools"] = [{"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}]
+    with sdk.messages.stream(**request, messages=[{"role": "user", "content": f"Paris {NULLS}"}]) as stream:
+        message = stream.get_final_message()
+    calls = [block for block in message.content if block.type == "tool_use"]
+    if tools:
+        assert [(call.name, call.input) for call in calls] == [("get_weather", {"city": "Paris"})]
+        assert message.stop_reason == "tool_use"
+    else:
+        assert calls == [] and message.stop_reason == "end_turn"
+        assert "".join(block.text for block in message.content if block.type == "text").startswith("Echo: Paris")
+
+
+@pytest.mark.parametrize("tools", [False, True], ids=["text", "tool call"])
+def test_the_responses_translation_of_such_a_stream_makes_no_call_of_a_null(gateway, tools):
+    extra: dict[str, Any] = {}
+    if tools:
+        tool = {"type": "function", "name": "get_weather", **WEATHER["function"]}
+        extra = {"tools": [tool], "tool_choice": "required"}
+    with gateway.client().responses.create(model="gpt-test", input=f"Paris {NULLS}", stream=True, **extra) as stream:
+        events = list(stream)
+    final = events[-1]
+    assert final.type == "response.completed"
+    calls = [item for item in final.response.output if item.type == "function_call"]
+    if tools:
+        assert [(call.name, json.loads(call.arguments)) for call in calls] == [("get_weather", {"city": "Paris"})]
+    else:
+        assert calls == [] and final.response.output_text.startswith("Echo: Paris")
