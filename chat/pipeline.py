@@ -31,7 +31,7 @@ from billing.models import BillingSource, Endpoint, Operation, UsageStatus
 from billing.pricing import cache_write_1h_price, cache_write_price, message_tier
 from billing.selectors import UserLimits
 from billing.services.admission import Admission, admission_acquire, model_permission_check, models_permitted
-from billing.services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT, requested_max_tokens
+from billing.services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT, replies_billed, requested_max_tokens
 from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
@@ -901,13 +901,22 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
     )
 
 
+def _replies_several(body: dict[str, Any], plan: list[ResolvedModel]) -> bool:
+    """Whether a request may be answered with more than one reply (``n``; a text completion's ``best_of`` or several
+    prompts), as the models' parameter rules send it (``_body_as_sent``): a stream of several choices is not resumed,
+    since one prefill continues one reply, and the text so far is all of theirs run together (until 7 December each
+    choice of the resumed attempt went on from that)."""
+    return replies_billed(_body_as_sent(body, plan)[0]) > 1
+
+
 def _answers_most(body: dict[str, Any], plan: list[ResolvedModel]) -> int:
     """How many attempts may answer a request that may end on ``plan``'s models, each charged what its provider ran
     before it answered (a search model's web search): one, or for a stream one more for each time it may be resumed
     on another deployment (``CompletionRun._may_resume``: a model with ``resume_on_failure``, at most its
-    ``retries`` times, at least once, and never on a deployment that already failed, so at most the others)."""
+    ``retries`` times, at least once, and never on a deployment that already failed, so at most the others; never a
+    stream of several replies, ``_replies_several``)."""
     resuming = [model for model in plan if model.resume_on_failure]
-    if not body.get("stream") or not resuming:
+    if not body.get("stream") or not resuming or _replies_several(body, plan):
         return 1
     deployments = {deployment.id for model in plan for deployment in model.deployments}
     return 1 + min(max(max(1, model.retries) for model in resuming), max(len(deployments) - 1, 0))
@@ -2037,8 +2046,9 @@ class CompletionRun:
         """Whether a stream that failed midway is continued on the next deployment (``resume_on_failure``):
         the model opted in, the failure is one another deployment may not share, what was sent can be
         continued (``continuable``: text, no tool call nor legacy ``function_call``, no thinking block, and the
-        attempt did not have Claude think), the model's attempts are not spent, and a deployment not tried yet
-        takes the prefill (``_prefill_refusers``)."""
+        attempt did not have Claude think), the stream has one reply (``_replies_several``: admission reserved no
+        resume for one of several), the model's attempts are not spent, and a deployment not tried yet takes the
+        prefill (``_prefill_refusers``)."""
         served = self.answered_by
         if not (
             served.resume_on_failure
@@ -2046,6 +2056,7 @@ class CompletionRun:
             and continuable
             and served.deployment is not None
             and len(failed) < max(1, served.retries)
+            and not _replies_several(body, [self.model, *self.fallbacks, *self.context_fallbacks])
         ):
             return False
         passed = failed | self._prefill_refusers(body) | {served.deployment.id}

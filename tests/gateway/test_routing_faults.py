@@ -940,6 +940,60 @@ def test_a_stream_cut_inside_a_call_after_some_text_is_not_resumed(llmhub_server
     assert len(fake_upstream.requests) == 1, "no second deployment was asked to continue"
 
 
+def test_a_stream_of_several_choices_cut_midway_is_not_resumed(llmhub_server, client, fake_upstream):
+    """``n`` = 2: each choice had written its first three words when the stream was cut. Until 7 December the next
+    deployment was asked to go on from both choices' texts run together as one prefill, and each of its two choices
+    continued that, which neither choice had said. The stream now ends with the in-band error, as a model without
+    ``resume_on_failure`` does: one attempt, one row."""
+    routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
+    body = {"model": "routed", "messages": MESSAGES, "stream": True, "n": 2}
+
+    with httpx.stream(
+        "POST",
+        llmhub_server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {client.key.secret}"},
+        json=body,
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        request_id = response.headers["x-request-id"]
+
+    assert lines[-1] != "data: [DONE]" and "upstream_stream_interrupted" in lines[-1], lines[-1]
+    choices = [choice for line in lines[:-1] for choice in json.loads(line[len("data: ") :])["choices"]]
+    for index in (0, 1):
+        text = "".join(choice["delta"].get("content") or "" for choice in choices if choice["index"] == index)
+        assert text.split() == LOREM_6.split()[:3]
+    assert len(fake_upstream.requests) == 1, "no deployment was asked to continue the choices' texts run together"
+    record = wait_for_record(request_id)
+    assert record.status == "upstream_error" and record.error_type == "upstream_stream_interrupted"
+    assert not record.resumed and record.attempts == 1
+    assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+
+
+def test_admission_reserves_no_resume_for_a_stream_of_several_choices(mid_month, client, fake_upstream):
+    """A stream of two choices is not resumed, so admission holds one attempt's prompt and replies, not a second
+    attempt's: a key whose budget pays for one is answered. Until 7 December it was refused (it held a resume that
+    could not happen, and with it a prompt and a prefill more)."""
+    routed(fake_upstream, "fake-gpt-4o-mini", resume_on_failure=True)
+    body = {"model": "routed", "messages": MESSAGES, "stream": True, "n": 2, "max_tokens": 4000}
+    upper = prompt_tokens(body, operation="chat", upper_bound=True)
+    # At the dearest deployment's prices (DEAR: $3 and $15 per million): one attempt with its two replies; two.
+    once = ((Decimal(upper) * 3 + 2 * 4000 * 15) / 1_000_000).quantize(Decimal("0.0001"), ROUND_CEILING)
+    twice = (Decimal(upper * 2 + 4000) * 3 + 2 * 4000 * 15) / 1_000_000
+    assert once < twice
+    spender = api_key_create(user=client.key.api_key.user, name="budgeted")
+    spending = openai.OpenAI(base_url=str(client.base_url), api_key=spender.secret, max_retries=0, timeout=30)
+    api_key_limits_set(api_key=spender.api_key, budget_usd=once)
+
+    with spending.chat.completions.with_streaming_response.create(**body) as response:
+        chunks = list(response.parse())
+        request_id = response.headers["x-request-id"]
+    assert {choice.index for chunk in chunks for choice in chunk.choices} == {0, 1}
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.cost <= once
+
+
 @pytest.mark.parametrize(
     "call",
     [{"functions": [CALL_TOOL]}, {"tools": [{"type": "function", "function": CALL_TOOL}]}],
