@@ -15,6 +15,21 @@ from core.text import has_lone_surrogate, text_quoted
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
+# The content parts each role's message takes, as OpenAI's spec types them (ChatCompletionRequestUserMessageContentPart,
+# ...SystemMessageContentPart, ...DeveloperMessage's text parts, ...ToolMessageContentPart,
+# ...AssistantMessageContentPart) and OpenAI answers another with its 400: a ``refusal`` is the assistant's alone, an
+# attachment the user's. One exception, llmhub's: a tool message's image (a screenshot tool's result), which Claude's
+# tool_result takes and the translations that cannot take it refuse naming it (Gemini's, Cohere's:
+# ``common.text_parts_only``). The legacy function message's content is a string in the spec: text parts, which were
+# taken before, still are, and no other part.
+ROLE_CONTENT_PARTS: dict[str, tuple[str, ...]] = {
+    "user": ("text", "image_url", "input_audio", "file"),
+    "assistant": ("text", "refusal"),
+    "system": ("text",),
+    "developer": ("text",),
+    "tool": ("text", "image_url"),
+    "function": ("text",),
+}
 MAX_MESSAGES = 4096
 # Deeper than any real request (a JSON schema in ``response_format`` or a tool's parameters included),
 # and far enough below Python's recursion limit that what we accept can still be encoded and forwarded.
@@ -344,11 +359,18 @@ def _check_content(content: Any, index: int, role: str, message: dict[str, Any])
             param,
             "invalid_type",
         )
+    taken = ROLE_CONTENT_PARTS[role]
     for part_index, part in enumerate(content):
         part_param = f"{param}[{part_index}]"
         part_type = part.get("type") if isinstance(part, dict) else None
         if not isinstance(part_type, str) or part_type not in CONTENT_PART_TYPES:
             _fail(f"Invalid content part at '{part_param}': expected an object with a known 'type'.", part_param)
+        if part_type not in taken:
+            _fail(
+                f"Invalid value for '{part_param}.type': a message of role '{role}' takes content parts of type "
+                f"{', '.join(map(repr, taken))} only, not {part_type!r}.",
+                f"{part_param}.type",
+            )
         check_cache_breakpoint(part, part_param)
         if part["type"] == "text" and not isinstance(part.get("text"), str):
             _fail(

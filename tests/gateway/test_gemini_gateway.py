@@ -574,7 +574,6 @@ def test_a_part_gemini_cannot_take_is_a_400_naming_the_part(gemini, role, part):
     assert gemini.upstream.requests_served() == served
 
 
-@pytest.mark.parametrize("role", ["user", "assistant"])
 @pytest.mark.parametrize(
     ("url", "code"),
     [
@@ -583,15 +582,16 @@ def test_a_part_gemini_cannot_take_is_a_400_naming_the_part(gemini, role, part):
     ],
     ids=["remote", "bad-base64"],
 )
-def test_an_image_gemini_cannot_take_is_a_400_naming_its_url(gemini, role, url, code):
+def test_an_image_gemini_cannot_take_is_a_400_naming_its_url(gemini, url, code):
     """An image URL Gemini cannot take (one it would have to fetch: it takes data URLs only; a data URL that is not
     base64) was refused naming the whole ``messages[N].content``, where the other parts Gemini refuses, and Claude's
     translation a refused image, name the part. The 400 names ``messages[N].content[M].image_url.url``, before any
-    call."""
+    call. (An assistant message's image, which this test sent too, is chat validation's 400 since 7 December:
+    test_content_parts_by_role.py.)"""
     image = {"type": "image_url", "image_url": {"url": url}}
     messages = [
         {"role": "user", "content": "Look."},
-        {"role": role, "content": [{"type": "text", "text": "This one:"}, image]},
+        {"role": "user", "content": [{"type": "text", "text": "This one:"}, image]},
         {"role": "user", "content": "What is it?"},
     ]
     served = gemini.upstream.requests_served()
