@@ -19,7 +19,8 @@ adapter's ``unhonoured_refused``, before this translation); and no way to ask fo
 next once it has the first's result). ``verbosity`` (a hint to GPT-5 models) has no Gemini counterpart and is not
 sent; nor is OpenAI's explicit prompt caching (``prompt_cache_options``, a part's ``prompt_cache_breakpoint``): Gemini
 caches implicitly (its explicit cache is a ``cachedContent`` made beforehand), and a hint that cannot be honoured
-changes no answer. A data URL image is sent inline; an http(s) image URL is refused
+changes no answer. A data URL image of a type Gemini reads (``GEMINI_IMAGE_TYPES``) is sent inline, another refused
+with a 400 naming it; an http(s) image URL is refused
 with a 400 (Gemini's ``file_data`` takes only files it hosts, and the gateway does not fetch URLs for the
 provider).
 
@@ -70,6 +71,10 @@ _ALWAYS_THINKS_SINCE = 2.5
 # The ``reasoning_effort`` levels Gemini has a thinking budget for.
 THINKING_EFFORTS = tuple(GEMINI_THINKING_BUDGETS)
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
+# The image types Gemini reads (Google's image understanding: PNG, JPEG, WEBP, HEIC, HEIF): an image part's data URL of
+# another type (text/html, a GIF, an executable) is refused naming it before any call (``_image_part``), where Google
+# answered its own 400 after one. A data URL naming no type is sent as PNG, as it always was.
+GEMINI_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
 
 
 def _invalid(message: str, param: str, code: str = "invalid_value") -> ProviderBadRequestError:
@@ -263,11 +268,19 @@ def _image_part(url: Any, param: str) -> dict[str, Any]:
             param,
             code="image_url_not_supported",
         )
+    mime = (match["mime"] or "image/png").lower()  # a MIME type is case-insensitive (RFC 2045)
+    if mime not in GEMINI_IMAGE_TYPES:
+        raise _invalid(
+            f"`{param}`: Gemini takes images of type {', '.join(GEMINI_IMAGE_TYPES)} only, and this data URL's is "
+            f"{mime}.",
+            param,
+            code="invalid_image_format",
+        )
     try:
         data = base64.b64decode(match["data"], validate=True)
     except (binascii.Error, ValueError):
         raise _invalid(f"`{param}`: the image's data URL is not valid base64.", param) from None
-    return {"inline_data": {"mime_type": match["mime"] or "image/png", "data": data}}
+    return {"inline_data": {"mime_type": mime, "data": data}}
 
 
 def _arguments(function: dict[str, Any], where: str) -> dict[str, Any]:

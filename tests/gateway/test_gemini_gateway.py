@@ -3,6 +3,7 @@ the adapter Gemini (to the fake upstream's Gemini routes), and the ledger prices
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from decimal import Decimal
@@ -427,6 +428,30 @@ def test_reasoning_effort_none_turns_a_gemini_flash_models_thinking_off(gemini, 
 
 
 @pytest.mark.parametrize(
+    ("url", "mime_type"),
+    [
+        ("data:image/png;base64,iVBORw0KGgo=", "image/png"),
+        ("data:image/jpeg;base64,/9j/4AAQ", "image/jpeg"),
+        ("data:IMAGE/JPEG;base64,/9j/4AAQ", "image/jpeg"),
+        ("data:image/webp;base64,UklGRg==", "image/webp"),
+        ("data:image/heic;base64,AAAAGGZ0eXBoZWlj", "image/heic"),
+        ("data:image/heif;base64,AAAAGGZ0eXBoZWlm", "image/heif"),
+        ("data:;base64,iVBORw0KGgo=", "image/png"),
+    ],
+)
+def test_an_image_of_a_type_gemini_reads_reaches_it_as_inline_data_of_that_type(gemini, url, mime_type):
+    image = {"type": "image_url", "image_url": {"url": url}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+    gemini.client().chat.completions.create(model="gemini-test", messages=messages)
+    [_, inline] = gemini.upstream.requests[-1]["body"]["contents"][0]["parts"]
+    # google-genai writes the blob's type in snake case, which Google's JSON reads as its camel case, and its bytes in
+    # URL-safe base64
+    sent = inline["inlineData"]
+    assert sent.get("mimeType", sent.get("mime_type")) == mime_type
+    assert base64.urlsafe_b64decode(sent["data"]) == base64.b64decode(url.partition(",")[2])
+
+
+@pytest.mark.parametrize(
     "part",
     [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
@@ -579,15 +604,20 @@ def test_a_part_gemini_cannot_take_is_a_400_naming_the_part(gemini, role, part):
     [
         ("https://example.com/cat.png", "image_url_not_supported"),
         ("data:image/png;base64,not base64!", "invalid_value"),
+        ("data:text/html;base64,PGI+aGk8L2I+", "invalid_image_format"),
+        ("data:application/x-msdownload;base64,TVqQAAMAAAAEAAAA", "invalid_image_format"),
+        ("data:image/gif;base64,R0lGODlhAQABAAAAACw=", "invalid_image_format"),
     ],
-    ids=["remote", "bad-base64"],
+    ids=["remote", "bad-base64", "html", "executable", "gif"],
 )
 def test_an_image_gemini_cannot_take_is_a_400_naming_its_url(gemini, url, code):
     """An image URL Gemini cannot take (one it would have to fetch: it takes data URLs only; a data URL that is not
     base64) was refused naming the whole ``messages[N].content``, where the other parts Gemini refuses, and Claude's
     translation a refused image, name the part. The 400 names ``messages[N].content[M].image_url.url``, before any
     call. (An assistant message's image, which this test sent too, is chat validation's 400 since 7 December:
-    test_content_parts_by_role.py.)"""
+    test_content_parts_by_role.py.) A data URL of a type Gemini does not read as an image (HTML, an executable, a GIF:
+    Google's image types are PNG, JPEG, WEBP, HEIC and HEIF) went up as its inlineData's mimeType for Google's own 400
+    after the call: it is refused before it, with OpenAI's code for an image of a format it does not read."""
     image = {"type": "image_url", "image_url": {"url": url}}
     messages = [
         {"role": "user", "content": "Look."},
