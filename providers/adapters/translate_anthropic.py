@@ -9,7 +9,8 @@ Request (OpenAI → Anthropic):
 
 - ``system`` and ``developer`` messages, wherever they are, become the ``system`` prompt (their texts
   joined by blank lines); ``user`` and ``assistant`` messages become turns; text parts, ``image_url``
-  parts (``data:`` URLs as base64 sources, http(s) URLs as url sources), assistant ``tool_calls``
+  parts (``data:`` URLs of a type Claude reads, ``CLAUDE_IMAGE_TYPES``, as base64 sources, http(s) URLs as url
+  sources), assistant ``tool_calls``
   (``tool_use`` blocks) and ``tool`` messages (``tool_result`` blocks; consecutive results share one
   user turn, as Anthropic expects them) are translated.
 - ``tools`` (functions) and ``tool_choice``; ``parallel_tool_calls: false`` becomes
@@ -81,6 +82,10 @@ _FINISH_REASONS = {
     "refusal": "content_filter",
 }
 _DATA_URL = re.compile(r"data:(?P<media_type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
+# The image types Claude reads (Anthropic's base64 image source: its media_type is one of these four): an image part's
+# data URL of another type (text/html, HEIC, an executable) is refused naming it before any call (``_image_source``),
+# where Anthropic answered its own 400 after one.
+CLAUDE_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 _PASSTHROUGH = ("temperature", "top_p", "top_k", "thinking")
 # OpenAI's reasoning_effort → Claude's extended-thinking budget in tokens: LiteLLM's budgets (low 1024, medium 2048,
 # high 4096), with ``minimal`` at Anthropic's least budget, 1024 (LiteLLM's 128 is below what Claude takes);
@@ -422,7 +427,15 @@ def _image_source(url: Any, where: str) -> dict[str, Any]:
         match = _DATA_URL.fullmatch(url)
         if match is None:
             raise _invalid("A data URL image must look like data:<media type>;base64,<data>.", where)
-        return {"type": "base64", "media_type": match["media_type"], "data": match["data"]}
+        media_type = match["media_type"].lower()  # a MIME type is case-insensitive (RFC 2045)
+        if media_type not in CLAUDE_IMAGE_TYPES:
+            raise _invalid(
+                f"Claude takes images of type {', '.join(CLAUDE_IMAGE_TYPES)} only, and this data URL's is "
+                f"{media_type}.",
+                where,
+                "invalid_image_format",
+            )
+        return {"type": "base64", "media_type": media_type, "data": match["data"]}
     if url.startswith(("https://", "http://")):
         return {"type": "url", "url": url}
     raise _invalid("An image URL must be an http(s) URL or a base64 data URL.", where)

@@ -503,3 +503,24 @@ def test_a_moderation_claude_cannot_run_is_a_400_naming_it(gateway):
     assert gateway.upstream.requests_served() == 0
     client.chat.completions.create(model="gpt-test", messages=messages, extra_body=asked)
     assert gateway.upstream.requests[-1]["body"]["moderation"] == asked["moderation"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "data:text/html;base64,PGI+aGk8L2I+",
+        "data:image/heic;base64,AAAAGGZ0eXBoZWlj",
+        "data:application/pdf;base64,JVBE",
+    ],
+    ids=["html", "heic", "pdf"],
+)
+def test_an_image_of_a_type_claude_does_not_read_is_a_400_naming_its_url_before_any_call(gateway, url):
+    """Claude reads images of type image/jpeg, png, gif and webp (Anthropic's base64 image source): a data URL of
+    another type went up as the image block's media_type for Anthropic's own 400 after the call."""
+    image = {"type": "image_url", "image_url": {"url": url}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="claude-test", messages=messages)
+    assert (refused.value.param, refused.value.code) == ("messages[0].content[1].image_url.url", "invalid_image_format")
+    assert url.partition(";")[0].removeprefix("data:") in refused.value.message
+    assert gateway.upstream.requests_served() == 0

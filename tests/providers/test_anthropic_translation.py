@@ -78,6 +78,28 @@ def test_images_from_data_and_http_urls():
     ]
 
 
+@pytest.mark.parametrize("media_type", ["image/jpeg", "image/png", "image/gif", "image/webp", "IMAGE/PNG"])
+def test_an_image_of_a_type_claude_reads_is_sent_as_that_type(media_type):
+    translated = request(
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:{media_type};base64,AAAA"}}]}
+    )
+
+    source = {"type": "base64", "media_type": media_type.lower(), "data": "AAAA"}
+    assert translated["messages"][0]["content"] == [{"type": "image", "source": source}]
+
+
+@pytest.mark.parametrize("media_type", ["text/html", "image/heic", "image/bmp", "application/x-msdownload"])
+def test_an_image_of_a_type_claude_does_not_read_is_a_400_naming_its_url(media_type):
+    """Anthropic's base64 image source takes image/jpeg, png, gif and webp: another went up for its own 400."""
+    with pytest.raises(ProviderBadRequestError) as caught:
+        request(
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:{media_type};base64,AAAA"}}]}
+        )
+
+    assert (caught.value.param, caught.value.code) == ("messages[0].content[0].image_url.url", "invalid_image_format")
+    assert media_type in caught.value.message
+
+
 @pytest.mark.parametrize(
     ("content", "param"),
     [
