@@ -76,7 +76,8 @@ Endpoints
     choice whatever ``n`` asked, no limit but ``max_tokens``, and a call to a tool given whatever ``tool_choice``
     says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored), and a
     content part it does not read (any but text and image_url: a ``refusal``) its 400 ``invalid message format``
-    (since 7 December: until then taken). Google
+    (since 7 December: until then taken), and an image URL it does not decode (a data URL of a type but JPEG, PNG or
+    WEBP, an http(s) URL) its 400 ``invalid image input`` (since 7 December). Google
     Gemini's (v1beta):
     ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
     ``data:`` event, usage on the last; ``generationConfig.candidateCount`` answers that many candidates, 1
@@ -1216,15 +1217,27 @@ _OLLAMA_IGNORED = frozenset({"n", "max_completion_tokens", "tool_choice", "web_s
 _OLLAMA_CONTENT_PARTS = frozenset({"text", "image_url"})
 
 
+# The image URLs Ollama's OpenAI compatibility reads (its ``decodeImageURL``: these prefixes, as written, and no
+# http(s) URL, which it does not fetch): another is its 400 ``invalid image input``.
+_OLLAMA_IMAGE_PREFIXES = (*(f"data:image/{kind};base64," for kind in ("jpeg", "jpg", "png", "webp")), "data:;base64,")
+
+
 def _ollama_content_parts(body: Any) -> web.Response | None:
-    """Ollama's 400 for a content part it does not read, in the error shape of its OpenAI compatibility (its
-    ``NewError``: no param, no code)."""
+    """Ollama's 400 for a content part it does not read, or an image URL it does not decode, in the error shape of its
+    OpenAI compatibility (its ``NewError``: no param, no code)."""
     messages = body.get("messages") if isinstance(body, dict) else None
     for message in messages if isinstance(messages, list) else ():
         content = message.get("content") if isinstance(message, dict) else None
         for part in content if isinstance(content, list) else ():
             if not isinstance(part, dict) or part.get("type") not in _OLLAMA_CONTENT_PARTS:
                 return _openai_error(400, "invalid message format", "invalid_request_error")
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if part["type"] == "image_url" and not (isinstance(url, str) and url.startswith(_OLLAMA_IMAGE_PREFIXES)):
+                if isinstance(url, str) and url.startswith(("http://", "https://")):
+                    said = "image URLs are not currently supported, please use base64 encoded data instead"
+                    return _openai_error(400, said, "invalid_request_error")
+                return _openai_error(400, "invalid image input", "invalid_request_error")
     return None
 
 
@@ -2169,7 +2182,7 @@ class _App:
         ``web_search_options`` are not among the fields it reads (its ``ChatCompletionRequest``, ``openai/openai.go``),
         so it answers one choice whatever ``n`` asked, only ``max_tokens`` limits a reply, the model may call a tool
         it was given whatever ``tool_choice`` said, and it searches nothing; a content part other than text or
-        image_url (a ``refusal``) is its 400 ``invalid message format``."""
+        image_url (a ``refusal``) is its 400 ``invalid message format``, an image URL it does not decode its 400."""
         body = request[_BODY_KEY]
         refused = _ollama_content_parts(body)
         if refused is not None:

@@ -67,6 +67,53 @@ def test_an_assistant_turns_refusal_part_reaches_ollama_as_its_text(ollama, stre
     assert sent[1] == {"role": "assistant", "content": parts}
 
 
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("data:text/html;base64,PGI+aGk8L2I+", "invalid_image_format"),
+        ("data:image/gif;base64,R0lGODlhAQABAAAAACw=", "invalid_image_format"),
+        ("data:IMAGE/PNG;base64,iVBORw0KGgo=", "invalid_image_format"),
+        ("https://example.com/cat.png", "image_url_not_supported"),
+    ],
+    ids=["html", "gif", "upper-case", "remote"],
+)
+def test_an_image_ollama_cannot_take_is_a_400_naming_its_url_before_any_call(ollama, url, code):
+    """Ollama decodes a base64 data URL of type image/jpeg, jpg, png or webp (as written) or of none, and fetches no
+    URL (its decodeImageURL): another went up for its 400 ``invalid image input``, naming nothing, after the call."""
+    image = {"type": "image_url", "image_url": {"url": url}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        ollama.client().chat.completions.create(model="llama-test", messages=messages)
+    assert (caught.value.body["param"], caught.value.body["code"]) == ("messages[0].content[1].image_url.url", code)
+    assert ollama.upstream.requests_served("/ollama/v1/chat/completions") == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "data:image/jpeg;base64,/9j/4AAQ",
+        "data:image/jpg;base64,/9j/4AAQ",
+        "data:image/png;base64,iVBORw0KGgo=",
+        "data:image/webp;base64,UklGRg==",
+        "data:;base64,iVBORw0KGgo=",
+    ],
+)
+def test_an_image_ollama_decodes_goes_to_it_as_it_came(ollama, url):
+    image = {"type": "image_url", "image_url": {"url": url}}
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c", "content": [{"type": "text", "text": "a screenshot:"}, image]},
+    ]
+    ollama.client().chat.completions.create(model="llama-test", messages=messages)
+    sent = ollama.upstream.requests[-1]["body"]["messages"]
+    assert sent[0]["content"][1] == sent[2]["content"][1] == image
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_n_above_1_is_refused_rather_than_answered_with_one_choice(ollama, stream):
     # Ollama reads no `n`: it would answer one choice where the client asked for three, silently.
