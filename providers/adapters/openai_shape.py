@@ -100,6 +100,34 @@ def _logprobs_mended(choice: dict[str, Any]) -> None:
         choice["logprobs"] = None
 
 
+# What a whole reply's logprobs require that OpenAI-compatible servers leave out (``CreateChatCompletionResponse``:
+# each nullable): vLLM's, llama.cpp's and SGLang's logprobs carry ``content`` alone, no ``refusal``; a server that skips
+# what it has none of (serde's ``skip_serializing_if``) leaves out a token's ``bytes``, or its ``top_logprobs`` when
+# none were asked. OpenAI sends null for the first two and an empty list for the last.
+_LOGPROBS_LISTS = ("content", "refusal")
+
+
+def _whole_logprobs_filled(logprobs: Any) -> None:
+    if type(logprobs) is not dict:
+        return
+    for name in _LOGPROBS_LISTS:
+        tokens = logprobs.get(name)
+        if type(tokens) is not list:
+            logprobs[name] = None  # left out, null, or a list nobody can read as one
+            continue
+        for token in tokens:
+            if type(token) is not dict:
+                continue
+            token.setdefault("bytes", None)
+            alternatives = token.get("top_logprobs")
+            if alternatives is None:
+                token["top_logprobs"] = alternatives = []
+            if type(alternatives) is list:
+                for alternative in alternatives:
+                    if type(alternative) is dict:
+                        alternative.setdefault("bytes", None)
+
+
 def _is_text(value: Any) -> bool:
     return value is None or type(value) is str
 
@@ -346,6 +374,7 @@ def completion_conform(
             choice["index"] = position
         _logprobs_mended(choice)
         choice.setdefault("logprobs", None)
+        _whole_logprobs_filled(choice["logprobs"])
         message = choice.get("message")
         if not isinstance(message, dict):
             choice["message"] = message = {}

@@ -7,6 +7,7 @@ a client would call it (httpx for the raw stream, the official SDK)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from decimal import Decimal
@@ -666,6 +667,42 @@ def test_a_vllm_whole_reply_with_its_nulls_is_relayed_in_openais_schema(gateway)
     assert "annotations" not in message
     assert message["content"] == "Hello there"
     assert record.status == UsageStatus.OK
+
+
+# A token's log probabilities as servers send them in a whole reply: vLLM's ``ChatCompletionLogProbs``, llama.cpp's
+# and SGLang's carry ``content`` alone (OpenAI's schema requires ``refusal`` beside it, null for none); a server that
+# skips what it has none of leaves out a token's ``bytes`` (required, nullable), or its ``top_logprobs`` when none were
+# asked (required, an empty list), or says null for them.
+_TOKEN = {"token": "Hello", "logprob": -0.25, "bytes": [72, 101, 108, 108, 111]}
+SERVERS_LOGPROBS = {
+    "vLLM, llama.cpp, SGLang: no refusal": {"content": [{**_TOKEN, "top_logprobs": [dict(_TOKEN)]}]},
+    "a token without bytes": {
+        "content": [{"token": "Hello", "logprob": -0.25, "top_logprobs": [{"token": "Hello", "logprob": -0.25}]}]
+    },
+    "no top_logprobs asked, left out": {"content": [dict(_TOKEN)], "refusal": None},
+    "no top_logprobs asked, null": {"content": [{**_TOKEN, "top_logprobs": None}]},
+}
+
+
+@pytest.mark.parametrize("logprobs", SERVERS_LOGPROBS.values(), ids=SERVERS_LOGPROBS)
+def test_a_whole_replys_logprobs_as_servers_send_them_are_relayed_in_openais_schema(gateway, logprobs):
+    """Before: relayed as they came, so every whole reply of a vLLM deployment to a request for ``logprobs`` was out of
+    OpenAI's schema (its logprobs had no ``refusal``), and a typed client failed to read it; what is required and left
+    out is null (``refusal``, a token's ``bytes``) or an empty list (``top_logprobs``), the tokens as they came."""
+    answer = completion(dict(VLLM_MESSAGE), service_tier=None, system_fingerprint=None)
+    answer["choices"][0]["logprobs"] = copy.deepcopy(logprobs)
+    response, record = whole(gateway, answer)
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    relayed = response.json()["choices"][0]["logprobs"]
+    assert relayed["refusal"] == logprobs.get("refusal")
+    [token] = relayed["content"]
+    assert (token["token"], token["logprob"]) == ("Hello", -0.25)
+    assert token["bytes"] == logprobs["content"][0].get("bytes")
+    assert [(top["token"], top["logprob"]) for top in token["top_logprobs"]] == [
+        (top["token"], top["logprob"]) for top in logprobs["content"][0].get("top_logprobs") or ()
+    ]
+    assert record.status == UsageStatus.OK and not record.usage_estimated
 
 
 @pytest.mark.parametrize("refusal", [5, {"text": "no"}], ids=["a number", "an object"])
