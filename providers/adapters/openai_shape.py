@@ -658,6 +658,19 @@ _TEXT_COMPLETION = "text_completion"
 _TEXT_FINISH_REASONS = frozenset({"stop", "length", "content_filter"})
 
 
+# A text completion's logprobs (``CreateCompletionResponse``): four lists, each optional and none nullable, which a
+# server that dumps what it left unset sends as null.
+_TEXT_LOGPROBS_LISTS = ("text_offset", "token_logprobs", "tokens", "top_logprobs")
+
+
+def _text_logprobs_mended(logprobs: dict[str, Any]) -> bool:
+    """Leave out, in place, the lists ``logprobs`` says null; True when there was one."""
+    nulls = [name for name in _TEXT_LOGPROBS_LISTS if name in logprobs and logprobs[name] is None]
+    for name in nulls:
+        del logprobs[name]
+    return bool(nulls)
+
+
 class TextCompletionShape:
     """``CreateCompletionResponse`` (``/v1/completions``), whose stream chunks are the same object: what one reply or
     one stream needs to fill in what the schema requires and an upstream left out (``id``, ``created`` and ``model``,
@@ -709,6 +722,8 @@ class TextCompletionShape:
                 raise MalformedReply(f"a text of type {type(text).__name__}")
             if "logprobs" not in choice:
                 choice["logprobs"], valid = None, False
+            elif whole and type(choice["logprobs"]) is dict and _text_logprobs_mended(choice["logprobs"]):
+                valid = False
             reason = choice.get("finish_reason")
             if reason is None and whole:
                 choice["finish_reason"], valid = "stop", False

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from llmhub.testing.openapi import COMMITTED_SCHEMAS, validate_openai_schema
-from providers.adapters.openai_shape import completion_conform
+from providers.adapters.openai_shape import TextCompletionShape, completion_conform
 
 SCHEMAS = json.loads(COMMITTED_SCHEMAS.read_text(encoding="utf-8"))["schemas"]
 
@@ -75,6 +75,27 @@ CHAT = {
                 "audio": {"id": "a", "expires_at": 1, "data": "AA==", "transcript": "Hi"},
                 "function_call": {"name": "f", "arguments": "{}"},
                 "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+        }
+    ],
+}
+TEXT = {
+    "id": "cmpl-1",
+    "object": "text_completion",
+    "created": 1,
+    "model": "m",
+    "system_fingerprint": "fp",
+    "usage": _USAGE,
+    "choices": [
+        {
+            "index": 0,
+            "text": "Hi",
+            "finish_reason": "stop",
+            "logprobs": {
+                "text_offset": [0],
+                "token_logprobs": [-0.1],
+                "tokens": ["Hi"],
+                "top_logprobs": [{"Hi": -0.1}],
             },
         }
     ],
@@ -147,8 +168,14 @@ def _changed(reply: dict[str, Any], case: str, path: tuple[Any, ...]) -> dict[st
     return reply
 
 
+def _conform_text(reply: dict[str, Any], *, model: str) -> dict[str, Any]:
+    TextCompletionShape(model).conform(reply, whole=True)
+    return reply
+
+
 RESPONSES = {
     "CreateChatCompletionResponse": (CHAT, completion_conform),
+    "CreateCompletionResponse": (TEXT, _conform_text),
 }
 CASES = [
     pytest.param(name, case, path, id=f"{name} {case} {'.'.join(map(str, path))}")
@@ -165,8 +192,8 @@ def test_the_replies_are_valid_and_the_walk_finds_both_kinds_of_field():
 
 @pytest.mark.parametrize(("name", "case", "path"), CASES)
 def test_a_null_the_schema_does_not_allow_or_a_required_null_left_out_is_relayed_in_schema(name, case, path):
-    """Before: a choice's logprobs without ``refusal`` (vLLM's, llama.cpp's, SGLang's) or a token's without ``bytes`` was
-    relayed as it came, out of OpenAI's schema."""
+    """Before: a choice's logprobs without ``refusal`` (vLLM's, llama.cpp's, SGLang's) or a token's without ``bytes``,
+    and a text completion's logprobs' null lists, were relayed as they came, out of OpenAI's schema."""
     reply, conform = RESPONSES[name]
     answered = conform(_changed(reply, case, path), model="m")
     validate_openai_schema(answered, name)
