@@ -240,7 +240,8 @@ Embeddings
     answers floats whatever ``encoding_format`` asked (as servers that ignore the field do),
     ``[[order=reversed]]`` lists the embeddings last input first, each with its own ``index`` (as servers
     that embed a batch in parallel may), ``[[omit=index]]`` leaves every ``index`` out (in input order), and
-    ``[[vectors=N]]`` answers the first N inputs' embeddings only (as a server that drops inputs it cannot embed).
+    ``[[vectors=N]]`` answers the first N inputs' embeddings only (as a server that drops inputs it cannot embed);
+    ``[[raw=BASE64]]`` answers exactly those bytes, as on chat completions (a shape some server sends).
     Gemini's ``batchEmbedContents`` gives a request naming a ``taskType`` another vector (SHA-256 of the text,
     NUL, the task type), and Cohere's ``embed`` an ``input_type`` other than ``search_document`` the same way:
     a query is embedded apart from the documents, as these providers do.
@@ -2752,6 +2753,8 @@ class _App:
             return _openai_error(
                 400, "'input' must be a non-empty string or array.", "invalid_request_error", "invalid_value", "input"
             )
+        if "raw" in directives:
+            return await self._raw_answer(request, directives["raw"], stream=False)
         dimensions = body.get("dimensions", _EMBEDDING_DIMENSIONS)
         if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 1 <= dimensions <= 4096:
             return _openai_error(

@@ -55,6 +55,7 @@ from .openai_shape import (
     TextCompletionShape,
     completion_chunks,
     completion_conform,
+    embeddings_conform,
     json_constant,
     text_parts_joined,
 )
@@ -519,6 +520,7 @@ class OpenAIAdapter(BaseAdapter):
             if not isinstance(index, int) or isinstance(index, bool):
                 item["index"] = position
         data.sort(key=lambda item: item["index"])
+        embeddings_conform(response)
         expected = _inputs_count(body.get("input"))
         if [item["index"] for item in data] != list(range(expected)):
             # A short (or doubled) list would pair the client's texts with the wrong vectors, or none.

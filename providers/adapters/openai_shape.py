@@ -31,6 +31,7 @@ __all__ = [
     "StreamShape",
     "completion_chunks",
     "completion_conform",
+    "embeddings_conform",
     "json_constant",
     "text_parts_joined",
 ]
@@ -651,6 +652,19 @@ def _usage_counts(usage: dict[str, Any]) -> bool:
 
 def _is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value <= COUNT_MAX
+
+
+def embeddings_conform(response: dict[str, Any]) -> None:
+    """Fill in, in place, what ``CreateEmbeddingResponse`` requires and an OpenAI-compatible server's list of embeddings
+    (``response["data"]``, a list of objects) left out or said null: the constants ``object`` of the list and of each
+    embedding, and a usage's ``total_tokens``, which is its ``prompt_tokens``: an embedding writes no tokens. A usage
+    that counts no prompt is the pipeline's to estimate and replace."""
+    response["object"] = "list"
+    for item in response["data"]:
+        item["object"] = "embedding"
+    usage = response.get("usage")
+    if type(usage) is dict and _is_count(usage.get("prompt_tokens")) and not _is_count(usage.get("total_tokens")):
+        usage["total_tokens"] = usage["prompt_tokens"]
 
 
 _TEXT_COMPLETION = "text_completion"

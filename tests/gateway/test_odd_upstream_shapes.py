@@ -20,7 +20,9 @@ import pytest
 from billing.models import UsageRecord, UsageStatus
 from llmhub.testing.fake_upstream import raw_directive
 from llmhub.testing.openapi import validate_openai_schema
+from providers.models import ModelMode, Provider
 from providers.tokens import text_tokens
+from tests.factories import ModelFactory
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -846,3 +848,81 @@ def test_a_stream_answered_with_json_that_is_no_completion_is_a_malformed_reply(
     record = wait_for_record(excinfo.value.response.headers["x-request-id"])
     assert record.status == UsageStatus.UPSTREAM_ERROR
     assert_sane_row(record)
+
+
+# Embeddings ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def embedder(gateway):
+    """``embed-test``: an embedding model on the OpenAI-protocol provider."""
+    ModelFactory(
+        name="embed-test",
+        provider=Provider.objects.get(name="fake-openai"),
+        upstream_id="fake-embedding-small",
+        mode=ModelMode.EMBEDDING,
+        input_per_mtok=Decimal("0.02"),
+        output_per_mtok=Decimal(0),
+        context_window=8192,
+    )
+    return gateway
+
+
+def embeddings(**changes: Any) -> dict[str, Any]:
+    """vLLM's reply (``EmbeddingResponse``, every field as its server dumps it), with ``changes`` (None: left out)."""
+    reply: dict[str, Any] = {
+        "id": "embd-1",
+        "object": "list",
+        "created": 1,
+        "model": "fake-embedding-small",
+        "data": [{"index": 0, "object": "embedding", "embedding": [0.6, 0.8]}],
+        "usage": {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0, "prompt_tokens_details": None},
+    }
+    for name, value in changes.items():
+        holder, _, key = name.rpartition(".")
+        target = reply["data"][0] if holder == "data" else reply[holder] if holder else reply
+        if value is LEFT_OUT:
+            del target[key]
+        else:
+            target[key] = value
+    return reply
+
+
+LEFT_OUT = object()
+ODD_EMBEDDINGS = {
+    "vLLM's": {},
+    "object null": {"object": None},
+    "object left out": {"object": LEFT_OUT},
+    "an item's object null": {"data.object": None},
+    "an item's object left out": {"data.object": LEFT_OUT},
+    "usage's total null": {"usage.total_tokens": None},
+    "usage's total left out": {"usage.total_tokens": LEFT_OUT},
+    "usage null": {"usage": None},
+    "usage's prompt null": {"usage.prompt_tokens": None},
+    "model null": {"model": None},
+}
+
+
+@pytest.mark.parametrize("changes", ODD_EMBEDDINGS.values(), ids=ODD_EMBEDDINGS)
+def test_embeddings_as_servers_send_them_are_relayed_in_openais_schema(embedder, changes):
+    """Before: a list's or an embedding's ``object`` said null (or an embedding's left out), and a usage's
+    ``total_tokens`` null or left out, were relayed so, out of OpenAI's schema (only a list's ``object`` left out was
+    filled in); the constants are filled in, and the total is the prompt's count. The row charges what the upstream
+    counted, or, when it counted no prompt, the estimate it says it is, which the client's usage then says."""
+    answer = embeddings(**changes)
+    response = httpx.post(
+        embedder.url + "/v1/embeddings",
+        json={"model": "embed-test", "input": "three words here " + raw_directive(json.dumps(answer).encode())},
+        headers={"Authorization": f"Bearer {embedder.key}"},
+        timeout=20,
+    )
+    record = wait_for_record(response.headers["x-request-id"])
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateEmbeddingResponse")
+    assert response.json()["data"][0]["embedding"] == [0.6, 0.8]
+    assert record.status == UsageStatus.OK
+    counted = answer["usage"] is not None and answer["usage"]["prompt_tokens"] is not None
+    assert record.usage_estimated is not counted
+    assert record.prompt_tokens == (3 if counted else record.prompt_tokens) and record.prompt_tokens > 0
+    usage = response.json()["usage"]
+    assert (usage["prompt_tokens"], usage["total_tokens"]) == (record.prompt_tokens, record.prompt_tokens)
