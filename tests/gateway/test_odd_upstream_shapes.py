@@ -926,3 +926,32 @@ def test_embeddings_as_servers_send_them_are_relayed_in_openais_schema(embedder,
     assert record.prompt_tokens == (3 if counted else record.prompt_tokens) and record.prompt_tokens > 0
     usage = response.json()["usage"]
     assert (usage["prompt_tokens"], usage["total_tokens"]) == (record.prompt_tokens, record.prompt_tokens)
+
+
+# vLLM's ``UsageInfo.completion_tokens`` is optional: a null count is none given, not zero tokens -------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_whole_replys_null_completion_count_is_estimated_and_the_row_says_so(gateway, path):
+    """A reply of text with ``"completion_tokens": null`` (vLLM's usage, which types it optional) is charged the
+    estimate of that text, flagged as estimated, and the client's usage says what was charged: never 0 tokens."""
+    usage = {"prompt_tokens": 5, "total_tokens": 5, "completion_tokens": None, "prompt_tokens_details": None}
+    if path == "/v1/completions":
+        choice = {"index": 0, "text": "Hello there", "logprobs": None, "finish_reason": "stop", "stop_reason": None}
+        answer = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+        body: dict[str, Any] = {
+            "model": "gpt-test",
+            "prompt": raw_directive(json.dumps({**answer, "usage": usage}).encode()),
+        }
+        schema = "CreateCompletionResponse"
+    else:
+        body = ask("hi " + raw_directive(json.dumps(completion(dict(VLLM_MESSAGE), usage=usage)).encode()))
+        schema = "CreateChatCompletionResponse"
+    response = httpx.post(gateway.url + path, json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20)
+    record = wait_for_record(response.headers["x-request-id"])
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), schema)
+    assert_sane_row(record)
+    assert record.usage_estimated
+    assert (record.prompt_tokens, record.completion_tokens) == (5, text_tokens("Hello there"))
+    assert response.json()["usage"] == _charged_usage(record)
