@@ -71,7 +71,10 @@ async def test_redoc_lists_the_endpoints_offline(live_site, offline):
     response = await offline.page.goto(live_site.url + "/api/redoc/")
     assert response is not None and response.status == 200
 
-    await expect(offline.page.get_by_role("heading", name="llmhub API")).to_be_visible(timeout=15_000)
+    # ReDoc draws the page once it has the schema, which the live server builds on its first request for it
+    # (drf-spectacular walks every view): seconds alone, and 15 s was once too short on a loaded machine (the page
+    # still said "Loading ..."). A wait, not a timing: a page that never draws still fails.
+    await expect(offline.page.get_by_role("heading", name="llmhub API")).to_be_visible(timeout=60_000)
     # ReDoc writes each operation's path in the endpoint box beside the operation.
     for path in LISTED_PATHS:
         await expect(offline.page.get_by_text(path, exact=True).first).to_be_attached()
