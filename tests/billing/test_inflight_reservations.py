@@ -3,7 +3,9 @@
 Issue 15, points 1 and 5. Real components throughout: two llmhub server processes (uvicorn) on the test
 database, a redis-server of the test's own that it kills and starts again empty on the same port, the fake
 upstream holding requests in flight (``[[latency=MS]]``), SIGKILL for a crashed process. Heartbeats are
-short in the tests (``llmhub/settings/test.py``): a process is dead one second after its last beat.
+short in the tests (``llmhub/settings/test.py``): a process is dead three seconds after its last beat. A test
+whose process is dead does not wait for that: it expires the heartbeats (``heartbeats_expired``), as that wait
+would have; the sweeps of the tests with a survivor judge a real expiry.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,7 +26,8 @@ import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.db import OperationalError, connection
-from django.db.models import Sum
+from django.db.models import F, Sum
+from django.db.models.functions import Now
 
 from billing.models import (
     BudgetCounter,
@@ -39,7 +42,7 @@ from billing.models import (
 from billing.pricing import cost_for
 from billing.services.budgets import CounterRef, api_key_limits_set
 from billing.services.counters import budget_counters_reconcile, counter_state, inflight_lost_settle
-from billing.services.inflight import INFLIGHT_PREFIX, INSTANCES_KEY
+from billing.services.inflight import HEARTBEAT_PREFIX, INFLIGHT_PREFIX, INSTANCES_KEY, heartbeat_key, instance_id
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from billing.services.rollups import daily_usage_rebuild
@@ -201,6 +204,49 @@ def records(redis_url: str) -> dict[str, bool]:
         }
     finally:
         client.close()
+
+
+def heartbeats_expired(redis_url: str) -> None:
+    """The store in use as its sweep would find it two heartbeat TTLs from now had no process beaten meanwhile
+    (what sleeping ``2 * LLMHUB_INFLIGHT_HEARTBEAT_TTL`` gave, at once): on Redis every heartbeat key gone, as its
+    TTL removes it; on the database every ``ProcessHeartbeat.expires_at`` and ``RequestReservation.recorded_at``
+    two TTLs earlier, on the database's clock, which the sweep reads (``Now()``; a pinned Python clock does not
+    move it). The sweep then runs as after a real expiry. A process still alive beats again within a beat
+    (``heartbeat_renewed``); a test of a dead one calls this once its process has ended."""
+    if redis_url:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            for key in client.scan_iter(match=HEARTBEAT_PREFIX + "*"):
+                client.delete(key)
+        finally:
+            client.close()
+        return
+    two_ttls = timedelta(seconds=2 * django_settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)
+    ProcessHeartbeat.objects.update(expires_at=F("expires_at") - two_ttls)
+    RequestReservation.objects.update(recorded_at=F("recorded_at") - two_ttls)
+
+
+def heartbeat_renewed(redis_url: str) -> bool:
+    """Whether this process's heartbeat is alive in the store in use (after ``heartbeats_expired``: beaten since)."""
+    if redis_url:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            return bool(client.exists(heartbeat_key(instance_id())))
+        finally:
+            client.close()
+    return ProcessHeartbeat.objects.filter(instance=instance_id(), expires_at__gt=Now()).exists()
+
+
+async def beating_on(redis_url: str) -> None:
+    """This process's heartbeat expired as a dead process's would be, then renewed by its next beat: the sweep
+    that follows judges the records of a process that went on beating, as it would after any wait."""
+    await sync_to_async(heartbeats_expired)(redis_url)
+    await wait_until_async(
+        lambda: sync_to_async(heartbeat_renewed)(redis_url),
+        "this process's heartbeat renewed",
+        timeout=10,
+        interval=0.05,
+    )
 
 
 def three_spent_and_one_more_admitted(budget_key, server: Server) -> None:
@@ -472,7 +518,7 @@ async def test_a_live_process_keeps_its_settled_records_until_their_rows_are_wri
         return await sync_to_async(counter_state)(ref) == (RESERVATION, Decimal(0))
 
     await wait_until_async(settled, "settled", timeout=10)
-    await asyncio.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # longer than a dead process's heartbeat lasts
+    await beating_on(redis_url)  # past the time a dead process's heartbeat lasts
 
     assert await sync_to_async(inflight_lost_settle)() == 0
     assert await sync_to_async(records)(redis_url) == {"lingering": True}
@@ -567,7 +613,7 @@ async def test_a_request_settled_by_its_process_is_never_written_as_lost(request
 
     settled, open_ = await acquire("settled"), await acquire("open")
     await admission_settle(admission=settled, cost=RESERVATION, prompt_tokens=0, completion_tokens=MAX_TOKENS, ok=True)
-    await asyncio.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # longer than a dead process's heartbeat lasts
+    await beating_on(settings.REDIS_URL)  # past the time a dead process's heartbeat lasts
 
     from billing.services.counters import inflight_lost_settle
 
@@ -612,7 +658,7 @@ def test_the_beat_task_settles_what_a_dead_worker_held(request, store_kind, budg
     ref = key_ref(budget_key["key"])
     assert counter_state(ref) == (Decimal(0), 3 * RESERVATION)  # held by a process that is gone
 
-    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    heartbeats_expired(settings.REDIS_URL)  # its heartbeat expires
     assert reservations_lost_settle.delay().get() == 3
     assert reservations_lost_settle.delay().get() == 0
 
@@ -649,7 +695,7 @@ def test_a_lost_request_the_database_refuses_fails_the_beat_task_run_but_not_a_s
     from billing.tasks import LostRequestsNotSettledError, reservations_lost_settle
 
     refused = sorted(dead_worker_admissions(request, store_kind, budget_key, settings, period_clock))[1]
-    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    heartbeats_expired(settings.REDIS_URL)  # its heartbeat expires
 
     with connection.execute_wrapper(row_refused(refused)):
         result = reservations_lost_settle.apply()
@@ -693,7 +739,7 @@ def test_a_lost_request_the_database_refuses_fails_the_reconcile_task_run_which_
     from billing.tasks import LostRequestsNotSettledError, reservations_reconcile
 
     refused = sorted(dead_worker_admissions(request, store_kind, budget_key, settings, period_clock))[1]
-    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    heartbeats_expired(settings.REDIS_URL)  # its heartbeat expires
     ref = key_ref(budget_key["key"])
     counter_spent_set(ref, 5 * RESERVATION)  # off the ledger (which has nothing yet)
 
@@ -731,7 +777,7 @@ def test_a_reconcile_run_that_can_neither_settle_a_lost_request_nor_reconcile_a_
     )
 
     refused = sorted(dead_worker_admissions(request, store_kind, budget_key, settings, period_clock))[1]
-    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    heartbeats_expired(settings.REDIS_URL)  # its heartbeat expires
     ref = key_ref(budget_key["key"])
     counter_spent_set(ref, 5 * RESERVATION)  # off the ledger (which has nothing yet)
 
@@ -784,7 +830,7 @@ def test_a_dead_process_whose_row_waits_in_the_spool_gets_that_row_not_a_lost_on
         timeout=60,
     )
     assert worker.returncode == 0, worker.stderr
-    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)
+    heartbeats_expired(settings.REDIS_URL)  # its heartbeat expires
 
     assert reservations_lost_settle.delay().get() == 2
     assert not UsageRecord.objects.filter(status=UsageStatus.LOST).exists()
@@ -882,7 +928,8 @@ def test_rows_spooled_when_their_writer_ends_stop_the_beat_and_are_written_once(
     assert records(redis_url) == {"orphaned": True}
     assert not UsageRecord.objects.exists()
 
-    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # longer than a dead process's heartbeat lasts
+    heartbeats_expired(redis_url)
+    time.sleep(5 * settings.LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL)  # five beats: a process still beating renews it
     assert inflight_lost_settle() == 1
     assert records(redis_url) == {}
     assert ledger_replay_spool() in (0, 1)
@@ -910,7 +957,7 @@ def test_a_lost_request_to_a_search_model_records_the_search_it_is_charged(
     charged = RESERVATION + Decimal("0.025")
     assert counter_state(key_ref(budget_key["key"])) == (Decimal(0), 3 * charged)
 
-    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    heartbeats_expired(settings.REDIS_URL)  # its heartbeat expires
     assert reservations_lost_settle.delay().get() == 3
     rows = UsageRecord.objects.filter(api_key=budget_key["key"])
     assert sorted(row.request_id for row in rows) == sorted(admitted)
@@ -965,7 +1012,7 @@ def test_a_lost_stream_that_may_be_resumed_records_every_prompt_it_is_charged(
             assert isinstance((await asyncio.gather(held, return_exceptions=True))[0], httpx.HTTPError)
 
     asyncio.run(scenario())
-    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    heartbeats_expired(settings.REDIS_URL)  # its heartbeat expires
     assert inflight_lost_settle() == 1
 
     row = UsageRecord.objects.get(api_key=budget_key["key"])
