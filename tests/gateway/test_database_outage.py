@@ -30,8 +30,9 @@ from rest_framework.test import APIClient
 from billing.models import UsageRecord
 from billing.services import ledger
 from billing.services.keys import api_key_create
-from llmhub.testing.postgres import PostgresCluster
+from llmhub.testing.postgres import PostgresCluster, createdb
 from tests.conftest import free_port, own_postgres, process_stop, redis_server, wait_for_port
+from tests.own_database import migrate
 from tests.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -366,6 +367,16 @@ def outage_postgres() -> Iterator[PostgresCluster]:
         yield cluster
 
 
+def database_recreated(url: str) -> None:
+    """The database of ``url`` dropped, with whatever an earlier test of the module left in it, and created empty."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as maintenance:
+        maintenance.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    createdb(url)
+
+
 @pytest.fixture
 def own_redis() -> Iterator[str]:
     """A redis-server of this test's own: the session's holds counters of other tests' keys with the same ids."""
@@ -417,12 +428,14 @@ def servers(envs: dict[str, dict[str, str]], tmp_path: Path) -> Iterator[dict[st
             process_stop(process, grace=30)
 
 
-def migrated(cluster: PostgresCluster, upstream_url: str, tmp_path: Path) -> dict[str, dict]:
+def migrated(
+    cluster: PostgresCluster, upstream_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict]:
+    """The cluster's database created anew, as ``manage.py migrate`` leaves it (``tests.own_database.migrate``:
+    the run's schema dump restored, or migrated once for the run), with the catalog and the callers' keys."""
     env = server_env(cluster.url, tmp_path, "setup")
-    subprocess.run([sys.executable, "manage.py", "flush", "--noinput"], cwd=ROOT, env=env, capture_output=True)
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
-    )
+    database_recreated(cluster.url)
+    migrate(cluster.url, env, tmp_path_factory)
     setup = subprocess.run(
         [sys.executable, "-c", SETUP, upstream_url], cwd=ROOT, env=env, check=True, capture_output=True, text=True
     )
@@ -430,9 +443,9 @@ def migrated(cluster: PostgresCluster, upstream_url: str, tmp_path: Path) -> dic
 
 
 def test_postgres_stopped_under_load_answers_503_and_keeps_every_row(
-    outage_postgres, own_redis, fake_upstream, tmp_path
+    outage_postgres, own_redis, fake_upstream, tmp_path, tmp_path_factory
 ):
-    keys = migrated(outage_postgres, fake_upstream.base_url, tmp_path)
+    keys = migrated(outage_postgres, fake_upstream.base_url, tmp_path, tmp_path_factory)
     envs = {
         "redis": server_env(outage_postgres.url, tmp_path, "redis", own_redis),
         "rowlock": server_env(outage_postgres.url, tmp_path, "rowlock"),
@@ -513,10 +526,10 @@ def test_postgres_stopped_under_load_answers_503_and_keeps_every_row(
             assert status == "ok"
 
 
-def test_a_restart_nobody_saw_costs_no_request(outage_postgres, fake_upstream, tmp_path):
+def test_a_restart_nobody_saw_costs_no_request(outage_postgres, fake_upstream, tmp_path, tmp_path_factory):
     """The server's persistent connections all died in a restart that happened while it was idle: the
     first requests after it (one that must look its key up among them) are served, not failed once each."""
-    keys = migrated(outage_postgres, fake_upstream.base_url, tmp_path)
+    keys = migrated(outage_postgres, fake_upstream.base_url, tmp_path, tmp_path_factory)
     with servers({"rowlock": server_env(outage_postgres.url, tmp_path, "rowlock")}, tmp_path) as urls:
         clients = {
             kind: openai.OpenAI(base_url=urls["rowlock"] + "/v1", api_key=keys[kind]["secret"], max_retries=0)
