@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -621,6 +622,38 @@ def _session_redis_alive(request) -> None:
         _session_redis.ensure(request.node.nodeid)
 
 
+@functools.cache
+def _promptly_stopped_server_class():
+    import uvicorn
+
+    class PromptlyStoppedServer(uvicorn.Server):
+        """uvicorn's server, whose ``exit_now`` starts its shutdown at once: uvicorn looks at ``should_exit`` only
+        every 0.1 s (``main_loop``), up to 0.1 s (0.05 on average) of the teardown of every test with a live server,
+        1,700 in tests/gateway alone. The shutdown itself (uvicorn's, then the lifespan's ledger drain) is
+        unchanged."""
+
+        _woken: asyncio.Event | None = None
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def main_loop(self) -> None:
+            self._loop, self._woken = asyncio.get_running_loop(), asyncio.Event()
+            counter = 0
+            while not await self.on_tick(counter):
+                counter = (counter + 1) % 864000
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), 0.1)
+
+        def exit_now(self) -> None:
+            """From any thread: ``should_exit``, and the main loop woken to see it (else at its next tick)."""
+            self.should_exit = True
+            loop, woken = self._loop, self._woken
+            if loop is not None and woken is not None:
+                with contextlib.suppress(RuntimeError):  # the loop has ended already
+                    loop.call_soon_threadsafe(woken.set)
+
+    return PromptlyStoppedServer
+
+
 class LiveServer:
     """llmhub's ASGI application served by uvicorn in a thread of this process, on a real port.
 
@@ -651,7 +684,7 @@ class LiveServer:
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="warning", log_config=None, lifespan="on", **self.ws_ping
         )
-        self._server = uvicorn.Server(config)
+        self._server = _promptly_stopped_server_class()(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
         self._thread.start()
         try:
@@ -663,7 +696,7 @@ class LiveServer:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
+            self._server.exit_now()
         if self._thread is not None:
             self._thread.join(timeout=15)
 
