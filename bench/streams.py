@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -658,6 +659,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="sample the server with py-spy during an extra round of the CPU part"
     )
     parser.add_argument(
+        "--migrated-database",
+        default=None,
+        help="a SQLite file with every migration applied, copied rather than migrating (the smoke test's run hands"
+        " it its test database's template)",
+    )
+    parser.add_argument(
         "--obfuscation",
         action="store_true",
         help="the fake provider pads every chunk with a random `obfuscation` string, as OpenAI's streams come",
@@ -707,7 +714,10 @@ def main(argv: list[str] | None = None) -> int:
             "fake-upstream", [PY, "-m", "llmhub.testing.fake_upstream", "--port", str(fake_port), *padding], env
         )
         wait_for_http(fake_port, fake, "fake-upstream")
-        django_command(env, "manage.py", "migrate", "--noinput", "-v", "0")
+        if args.migrated_database:
+            shutil.copyfile(args.migrated_database, WORK / "bench.sqlite3")
+        else:
+            django_command(env, "manage.py", "migrate", "--noinput", "-v", "0")
         key = json.loads(django_command(env, "-m", "bench.db", "seed"))["key"]
         sent = 0
         for workers in plan.workers:

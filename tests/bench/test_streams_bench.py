@@ -1,7 +1,11 @@
 """``bench/streams.py --quick`` runs end to end, so that the streams benchmark cannot rot: it starts its own
 fake upstream and uvicorn on a throw-away SQLite database, and its report names every figure with its
 target. Nothing timed is asserted (the machine is shared); what is asserted is what must hold at any speed:
-no stream failed, every WebSocket chat completed, and every request sent has its ledger row."""
+no stream failed, every WebSocket chat completed, and every request sent has its ledger row.
+
+In a pytest-xdist run its database is a copy of the run's migrated template (tests/database_template.py), not
+migrated again (``--migrated-database``; a migration is 9 CPU-s of this 2-core machine); a serial run migrates as
+``make bench`` does."""
 
 from __future__ import annotations
 
@@ -15,11 +19,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture
+def migrated_database(request) -> list[str]:
+    """``--migrated-database`` and this xdist run's migrated SQLite template (which ``django_db_setup`` builds when
+    any test of the run uses the database; the benchmark copies it); nothing in a serial run, on another database
+    or in a run that needs none, where the benchmark migrates."""
+    from django.db import connection
+
+    from tests.database_template import template_name, template_owner
+
+    owner = template_owner(request.config)
+    if owner is None or connection.vendor != "sqlite":
+        return []
+    request.getfixturevalue("django_db_setup")
+    template = template_name(connection, owner)
+    return ["--migrated-database", template] if Path(template).exists() else []
+
+
 @pytest.mark.timeout(600)
-def test_the_quick_streams_benchmark_reports_every_figure_and_loses_no_ledger_row(tmp_path):
+def test_the_quick_streams_benchmark_reports_every_figure_and_loses_no_ledger_row(tmp_path, migrated_database):
     output = tmp_path / "streams.json"
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "streams.py"), "--quick", "--output", str(output)],
+        [sys.executable, str(ROOT / "bench" / "streams.py"), "--quick", "--output", str(output), *migrated_database],
         cwd=ROOT,
         capture_output=True,
         text=True,
