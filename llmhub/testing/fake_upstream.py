@@ -136,6 +136,9 @@ Replies
     ``[[nulls=NAME,...]]`` (OpenAI only) says null for each of ``role``, ``tool_calls`` and ``function_call`` named
     that a delta (streamed: every chunk's) or a message lacks, as vLLM, LM Studio, llama.cpp and some OpenRouter
     routes say none.
+    ``[[arguments=object]]`` (OpenAI only) sends a tool call's (or a legacy function call's) ``arguments`` as the JSON
+    object itself, not its text, as Hugging Face TGI and llama.cpp's server with ``--tool-args-object`` do; streamed,
+    the whole object in one piece after the call's opening.
     ``[[thinking=some text]]`` (Anthropic only, in a request whose ``thinking`` is enabled: ``{"type": "enabled",
     "budget_tokens": N}`` or ``{"type": "adaptive"}``) puts a ``thinking`` block of that text, with a ``signature``,
     before the reply, as extended thinking does (streamed: ``thinking_delta`` events in pieces, then a
@@ -820,10 +823,17 @@ class _Reply:
     tool_count: int = 1  # ``[[tool_calls=N]]``: the same call N times, each with its own id
     legacy_function: bool = False  # answered as a legacy ``function_call`` (the request gave ``functions``)
     own_tool_ids: tuple[str, ...] = ()  # every call's id, when drawn otherwise than from ``tool_id`` (Mistral's)
+    arguments_object: bool = False  # ``[[arguments=object]]``: OpenAI routes send the arguments as a JSON object
 
     @property
     def arguments_json(self) -> str:
         return json.dumps(self.tool_arguments or {})
+
+    @property
+    def openai_arguments(self) -> str | dict[str, Any]:
+        """A call's ``function.arguments`` as the OpenAI routes send it: the JSON text, or (``arguments_object``)
+        the object itself, as Hugging Face TGI and llama.cpp's ``--tool-args-object`` do."""
+        return (self.tool_arguments or {}) if self.arguments_object else self.arguments_json
 
     @property
     def tool_ids(self) -> list[str]:
@@ -1182,6 +1192,7 @@ def _build_reply(
             tool_id=_new_id(tool_id_prefix),
             tool_count=1 if tool.legacy else _tool_count(directives),
             legacy_function=tool.legacy,
+            arguments_object=directives.get("arguments") == "object",
         )
     elif demo:
         text = demo_answer(conv.user_text)
@@ -2416,7 +2427,7 @@ class _App:
             {
                 "id": tool_id,
                 "type": "function",
-                "function": {"name": reply.tool_name, "arguments": reply.arguments_json},
+                "function": {"name": reply.tool_name, "arguments": reply.openai_arguments},
             }
             for tool_id in reply.tool_ids
         ]
@@ -2444,7 +2455,7 @@ class _App:
         elif lead is not None and lead.reasoning is not None:
             message[lead.field] = lead.reasoning
         if reply.legacy_function:
-            message["function_call"] = {"name": reply.tool_name, "arguments": reply.arguments_json}
+            message["function_call"] = {"name": reply.tool_name, "arguments": reply.openai_arguments}
         elif reply.tool_name is not None:
             message["tool_calls"] = self._openai_tool_calls(reply)
         choice = {
@@ -2540,8 +2551,10 @@ class _App:
                 pieces.append(function_opening)
             elif reply.tool_name is not None:
                 pieces.append(tool_opening)
+        # The arguments in pieces of text; as an object (``[[arguments=object]]``), the whole in one piece.
+        argument_pieces = [reply.openai_arguments] if reply.arguments_object else _split_pieces(reply.arguments_json)
         if reply.legacy_function:
-            pieces.extend({"function_call": {"arguments": piece}} for piece in _split_pieces(reply.arguments_json))
+            pieces.extend({"function_call": {"arguments": piece}} for piece in argument_pieces)
         elif reply.tool_name is not None:
             # Each call's arguments in pieces; the calls after the first each open with their id and name.
             for number, tool_id in enumerate(reply.tool_ids):
@@ -2549,8 +2562,7 @@ class _App:
                     opening = {"index": number, "id": tool_id, "type": "function"}
                     pieces.append({"tool_calls": [{**opening, "function": {"name": reply.tool_name, "arguments": ""}}]})
                 pieces.extend(
-                    {"tool_calls": [{"index": number, "function": {"arguments": piece}}]}
-                    for piece in _split_pieces(reply.arguments_json)
+                    {"tool_calls": [{"index": number, "function": {"arguments": piece}}]} for piece in argument_pieces
                 )
         elif leading is not None and leading.reasoning is not None and leading.field == "content":
             pieces.extend({"content": [{"type": "text", "text": token}]} for token in reply.tokens)

@@ -19,6 +19,7 @@ failure mid-relay.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -177,8 +178,26 @@ def _calls_checked(part: dict[str, Any]) -> None:
 def _function_checked(function: Any) -> None:
     if function is None:
         return
+    _arguments_spelt(function)
     if not _function_valid(function):
         raise MalformedReply("a function that is not an object with a text name and arguments")
+
+
+def _arguments_spelt(function: Any) -> None:
+    """A function's ``arguments`` sent as a JSON object or array (Hugging Face TGI's, llama.cpp's server with
+    ``--tool-args-object``), where OpenAI's schema has the JSON text, as that text, in place: exact (the same value
+    read back) and compact. A streamed piece so sent is the whole arguments in one piece. A number, a bool or a
+    text stays as it came: no server sends a call's arguments as a bare number or bool (a function's parameters
+    are an object), so such a value is a malformed reply, not arguments to spell; null is none (left out or
+    empty). A value JSON cannot write exactly (an infinity a number too large read as) is malformed too."""
+    if type(function) is not dict:
+        return
+    arguments = function.get("arguments")
+    if type(arguments) in (dict, list):
+        try:
+            function["arguments"] = json.dumps(arguments, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            raise MalformedReply("a tool call's arguments JSON cannot write exactly") from None
 
 
 def _new_id() -> str:

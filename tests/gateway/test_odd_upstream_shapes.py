@@ -157,7 +157,9 @@ MALFORMED_DELTAS = {
     "tool_calls not a list": {"tool_calls": "x"},
     "a tool call not an object": {"tool_calls": ["x"]},
     "a tool call's function a string": {"tool_calls": [{"index": 0, "function": "f"}]},
-    "a tool call's arguments an object": {"tool_calls": [{"index": 0, "id": "c", "function": {"arguments": {}}}]},
+    # A number or a bool is no call's arguments (an object's or an array's are spelt as their text: below).
+    "a tool call's arguments a number": {"tool_calls": [{"index": 0, "id": "c", "function": {"arguments": 5}}]},
+    "a tool call's arguments a bool": {"tool_calls": [{"index": 0, "id": "c", "function": {"arguments": True}}]},
     "function_call a string": {"function_call": "f"},
     "a tool call's index a list": {
         "tool_calls": [{"index": [0], "id": "c", "function": {"name": "f", "arguments": ""}}]
@@ -267,12 +269,64 @@ MALFORMED_MESSAGES = {
         "content": None,
         "tool_calls": [{"id": "c", "type": "function", "function": None}],
     },
-    "a tool call's arguments an object": {
+    "a tool call's arguments a number": {
         "role": "assistant",
         "content": None,
-        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": 5}}],
+    },
+    "a function call's arguments a bool": {
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "f", "arguments": False},
     },
 }
+
+
+# A call's arguments as a JSON object (Hugging Face TGI, llama.cpp's --tool-args-object) or an array: their JSON text.
+OBJECT_ARGUMENTS = {"an object": {"a": 1, "b": ["é", None]}, "an array": [1, {"x": "y"}], "an empty object": {}}
+
+
+@pytest.mark.parametrize("arguments", OBJECT_ARGUMENTS.values(), ids=OBJECT_ARGUMENTS)
+def test_a_tool_calls_arguments_sent_as_json_are_relayed_as_their_text(gateway, arguments):
+    """Before: a 502 for a whole reply, the stream ended in band at the piece (a function that is not an object
+    with a text name and arguments)."""
+    text = json.dumps(arguments, separators=(",", ":"), ensure_ascii=False)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    answer = completion({"role": "assistant", "content": None, "tool_calls": [call]})
+    response, record = whole(gateway, answer)
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    assert response.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == text
+    assert record.status == UsageStatus.OK
+
+    body = sse(
+        chunk({"role": "assistant", "content": None}),
+        chunk({"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "f"}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}),
+        chunk({}, "tool_calls"),
+        usage_chunk(),
+        "[DONE]",
+    )
+    events, done, record = streamed(gateway, body)
+    assert done
+    assert_valid_stream(events, done)
+    pieces = [
+        call for event in events if event["choices"] for call in event["choices"][0]["delta"].get("tool_calls") or ()
+    ]
+    assert "".join(piece["function"].get("arguments", "") for piece in pieces) == text
+    assert record.status == UsageStatus.OK
+
+
+def test_a_streamed_arguments_object_json_cannot_write_exactly_ends_the_stream_in_band(gateway):
+    """A number too large for a float (read as an infinity) has no exact JSON text: refused, not written as null."""
+    piece = (
+        b'data: {"id":"chatcmpl-odd","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+    )
+    piece += b'"delta":{"tool_calls":[{"index":0,"function":{"arguments":{"a":1e999}}}]},"finish_reason":null}]}\n\n'
+    events, done, record = streamed(gateway, stream_around(piece))
+    assert not done
+    assert_valid_stream(events, done)
+    assert record.error_type == "upstream_stream_interrupted"
 
 
 @pytest.mark.parametrize("message", MALFORMED_MESSAGES.values(), ids=MALFORMED_MESSAGES)
