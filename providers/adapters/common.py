@@ -332,6 +332,19 @@ def text_parts_only(content: Any, where: str, *, takes: str, remedy: str, refusa
             )
 
 
+# A data URL's media type clients write that is no registered one, for the registered one its bytes are: many write
+# ``data:image/jpg;base64,...`` for a JPEG (OpenAI and Ollama read it).
+_IMAGE_TYPE_ALIASES = {"image/jpg": "image/jpeg"}
+
+
+def image_media_type(declared: str) -> str:
+    """A data URL's image media type as a provider that reads registered types alone takes it (Gemini's
+    ``inlineData.mimeType``, Claude's base64 source): in lower case (a MIME type is case-insensitive, RFC 2045), and
+    ``image/jpg`` as ``image/jpeg`` (``_IMAGE_TYPE_ALIASES``)."""
+    lowered = declared.lower()
+    return _IMAGE_TYPE_ALIASES.get(lowered, lowered)
+
+
 # OpenAI's request-level prompt-caching hints an upstream without OpenAI's cache controls is not sent
 # (``prompt_cache_hints_dropped``); ``prompt_cache_key`` only where it means nothing.
 PROMPT_CACHE_HINTS = frozenset({"prompt_cache_options", "prompt_cache_retention"})

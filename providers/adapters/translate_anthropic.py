@@ -60,6 +60,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
+from .common import image_media_type
 
 DEFAULT_MAX_TOKENS = 4096
 # Anthropic's cap on the blocks with a ``cache_control`` in one request.
@@ -427,7 +428,7 @@ def _image_source(url: Any, where: str) -> dict[str, Any]:
         match = _DATA_URL.fullmatch(url)
         if match is None:
             raise _invalid("A data URL image must look like data:<media type>;base64,<data>.", where)
-        media_type = match["media_type"].lower()  # a MIME type is case-insensitive (RFC 2045)
+        media_type = image_media_type(match["media_type"])  # image/jpg as image/jpeg, in lower case
         if media_type not in CLAUDE_IMAGE_TYPES:
             raise _invalid(
                 f"Claude takes images of type {', '.join(CLAUDE_IMAGE_TYPES)} only, and this data URL's is "

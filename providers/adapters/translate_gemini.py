@@ -42,7 +42,7 @@ import time
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
-from .common import SYSTEM_TEXT_REMEDY, TOOL_TEXT_REMEDY, message_text, text_parts_only
+from .common import SYSTEM_TEXT_REMEDY, TOOL_TEXT_REMEDY, image_media_type, message_text, text_parts_only
 from .translate_anthropic import thinking_budget
 
 _FINISH: dict[str, str] = {
@@ -268,7 +268,7 @@ def _image_part(url: Any, param: str) -> dict[str, Any]:
             param,
             code="image_url_not_supported",
         )
-    mime = (match["mime"] or "image/png").lower()  # a MIME type is case-insensitive (RFC 2045)
+    mime = image_media_type(match["mime"] or "image/png")  # image/jpg as image/jpeg, in lower case
     if mime not in GEMINI_IMAGE_TYPES:
         raise _invalid(
             f"`{param}`: Gemini takes images of type {', '.join(GEMINI_IMAGE_TYPES)} only, and this data URL's is "

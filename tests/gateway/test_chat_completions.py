@@ -505,6 +505,27 @@ def test_a_moderation_claude_cannot_run_is_a_400_naming_it(gateway):
     assert gateway.upstream.requests[-1]["body"]["moderation"] == asked["moderation"]
 
 
+def test_a_jpg_data_url_reaches_claude_as_a_jpeg_in_a_user_and_a_tool_message(gateway):
+    """Many clients write ``data:image/jpg;base64,...`` for a JPEG (no registered type, but OpenAI and Ollama read it).
+    Before: a 400 invalid_image_format (Claude's base64 source takes image/jpeg); it goes up as image/jpeg, the same
+    bytes."""
+    url = "data:image/jpg;base64,/9j/4AAQSkZJRg=="
+    image = {"type": "image_url", "image_url": {"url": url}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "snap", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "shot:"}, image]},
+    ]
+    tools = [{"type": "function", "function": {"name": "snap", "parameters": {"type": "object", "properties": {}}}}]
+    gateway.client().chat.completions.create(model="claude-test", messages=messages, tools=tools)
+    sent = gateway.upstream.requests[-1]["body"]["messages"]
+    sources = [block["source"] for block in sent[0]["content"] if block["type"] == "image"]
+    [result] = [block for block in sent[2]["content"] if block["type"] == "tool_result"]
+    sources += [block["source"] for block in result["content"] if block["type"] == "image"]
+    assert sources == [{"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQSkZJRg=="}] * 2
+
+
 @pytest.mark.parametrize(
     "url",
     [
