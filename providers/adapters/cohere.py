@@ -13,9 +13,9 @@ output was withheld, which is what ``content_filter`` tells an OpenAI client); `
 provider, raised as one. Cohere cannot be told to call one tool a turn, so ``parallel_tool_calls: false`` is kept on
 the answer (its first call only, whole or streamed, ``max_tool_calls``), and a tool that is not a function (chat
 completions' free-form ``custom``) has no Cohere form: refused; nor has a tool message's part other than text (an
-image: Cohere's tool content is text or documents), nor of a system or developer message (Cohere's is text alone),
-nor of an assistant message but text and ``refusal`` (Cohere's is text and thinking; a refusal's text is the turn's),
-each refused naming it (``common.text_parts_only``), not dropped.
+image: Cohere's tool content is text or documents), refused naming it (``common.text_parts_only``), not dropped. A
+system, developer or assistant message's parts are text (an assistant's refusal too: its text is the turn's), as
+Cohere takes them: chat validation refuses any other before any translation (``chat.validation.ROLE_CONTENT_PARTS``).
 ``reasoning_effort`` is Cohere's ``thinking`` (``_thinking``): its reasoning models think by default, ``none`` turns it
 off, another level is a ``token_budget``, Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking``
 content, streamed in ``content.thinking`` deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of
@@ -44,9 +44,7 @@ from ..outbound import OutboundRefused, plain_outbound_client
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
-    ASSISTANT_TEXT_REMEDY,
     POOL_LIMITS,
-    SYSTEM_TEXT_REMEDY,
     TEXT_WITHOUT_LOGPROBS,
     TOOL_TEXT_REMEDY,
     BatchesAnswered,
@@ -362,26 +360,15 @@ def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
 def _message(message: dict[str, Any], where: str) -> dict[str, Any]:
     role = message.get("role")
     if role in ("system", "developer"):
-        # Cohere's system message is text alone (its SystemMessageV2): an image is refused, not dropped.
-        text_parts_only(
-            message.get("content"),
-            where,
-            takes=f"Cohere takes a {role} message as text only",
-            remedy=SYSTEM_TEXT_REMEDY,
-        )
+        # Cohere's system message is text alone (its SystemMessageV2), as OpenAI's spec has it: chat validation refused
+        # any other part (``chat.validation.ROLE_CONTENT_PARTS``).
         return {"role": "system", "content": message_text(message.get("content"))}
     if role == "user":
         return {"role": "user", "content": _user_content(message.get("content"), where)}
     if role == "assistant":
         translated: dict[str, Any] = {"role": "assistant"}
-        # Cohere's assistant content is text (and thinking): an image is refused, not dropped.
-        text_parts_only(
-            message.get("content"),
-            where,
-            takes="Cohere takes an assistant message as text only",
-            remedy=ASSISTANT_TEXT_REMEDY,
-            refusals=True,
-        )
+        # Cohere's assistant content is text (and thinking); OpenAI's spec types an assistant's parts as text or
+        # ``refusal`` alone, and chat validation refused any other (``chat.validation.ROLE_CONTENT_PARTS``).
         # A ``refusal`` part is what the model said when it refused: the turn's text, as Claude's translation sends it.
         text = message_text(message.get("content"), refusals=True)
         thought = message.get("reasoning_content")

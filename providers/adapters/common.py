@@ -308,23 +308,19 @@ def _is_refusal(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "refusal" and isinstance(part.get("refusal"), str)
 
 
-# ``text_parts_only``'s remedies for a part that is not text in a tool message (Gemini's and Cohere's tool results)
-# and in a system or developer message (Gemini's ``systemInstruction``, Cohere's system message).
+# ``text_parts_only``'s remedy for a part that is not text in a tool message (Gemini's and Cohere's tool results). A
+# system, developer or assistant message's other parts are chat validation's 400 (``ROLE_CONTENT_PARTS``).
 TOOL_TEXT_REMEDY = "give the tool's text there, and an attachment in a user message"
-SYSTEM_TEXT_REMEDY = "give the instructions as text there, and an attachment in a user message"
-ASSISTANT_TEXT_REMEDY = "give an attachment in a user message"
 
 
-def text_parts_only(content: Any, where: str, *, takes: str, remedy: str, refusals: bool = False) -> None:
+def text_parts_only(content: Any, where: str, *, takes: str, remedy: str) -> None:
     """A 400 for a part other than text in ``content``, the message at ``where``, for a provider that takes that
     message as text alone (``takes``: "Gemini takes a tool's result as text only") where the gateway's validation
     takes other parts (a tool message's image, which Claude's tool_result takes): naming
     ``{where}.content[M].type`` and what to do instead (``remedy``), where the translation's ``message_text``
-    would drop the part without a word and the model answer as if it had never been sent. With ``refusals`` (an
-    assistant message), a ``refusal`` part is text too, as ``message_text`` reads it."""
-    taken = ("text", "refusal") if refusals else ("text",)
+    would drop the part without a word and the model answer as if it had never been sent."""
     for index, part in enumerate(content if isinstance(content, list) else ()):
-        if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] not in taken:
+        if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text":
             raise ProviderBadRequestError(
                 f"{takes}, and `{where}.content[{index}]` is a {part['type']!r} part: {remedy}.",
                 param=f"{where}.content[{index}].type",

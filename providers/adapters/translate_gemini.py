@@ -2,10 +2,10 @@
 
 The request side builds the keyword arguments of google-genai's ``models.generate_content`` (plain dicts
 in the SDK's snake_case spelling, which its pydantic types accept): system and developer messages become
-``system_instruction``, one part per text part, each exact (text only, as Google takes it: a part of another type is
-a 400 naming it, ``common.text_parts_only``); the turns become ``contents`` (roles ``user`` and ``model``; an
-assistant's tool calls ``function_call`` parts, a tool message a ``function_response`` part named after the call it
-answers); tools their ``function_declarations`` with the JSON schema as given
+``system_instruction``, one part per text part, each exact (text only, as Google takes it and OpenAI's spec allows:
+chat validation refuses a part of another type before any translation); the turns become ``contents`` (roles
+``user`` and ``model``; an assistant's tool calls ``function_call`` parts, a tool message a ``function_response``
+part named after the call it answers); tools their ``function_declarations`` with the JSON schema as given
 (``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
 ``Schema`` subset); ``tool_choice`` a ``function_calling_config``; ``logprobs`` and ``top_logprobs``
 ``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400); ``reasoning_effort``
@@ -42,7 +42,7 @@ import time
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
-from .common import SYSTEM_TEXT_REMEDY, TOOL_TEXT_REMEDY, image_media_type, message_text, text_parts_only
+from .common import TOOL_TEXT_REMEDY, image_media_type, message_text, text_parts_only
 from .translate_anthropic import thinking_budget
 
 _FINISH: dict[str, str] = {
@@ -175,12 +175,9 @@ def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
             raise _invalid(f"`{where}` must be an object.", where)
         role = message.get("role")
         if role in ("system", "developer"):
-            # Gemini's ``system_instruction`` takes text only (Google: "only text should be used in parts"): an
-            # image there is refused naming it, not dropped.
+            # Gemini's ``system_instruction`` takes text only (Google: "only text should be used in parts"), as
+            # OpenAI's spec does: chat validation refused any other part (``chat.validation.ROLE_CONTENT_PARTS``).
             content = message.get("content")
-            text_parts_only(
-                content, where, takes=f"Gemini takes a {role} message as text only", remedy=SYSTEM_TEXT_REMEDY
-            )
             # One part of the instruction per text part, each as the client wrote it: Gemini reads them in order, as
             # OpenAI concatenates a message's parts, and nothing is put between (a blank line was, until 7 December).
             # An empty part says nothing (and a lone empty system message was never sent).
@@ -190,7 +187,7 @@ def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
             parts = _parts(message.get("content"), where)
             gemini_role = "user"
         elif role == "assistant":
-            parts = _parts(message.get("content"), where, refusals=True) if message.get("content") else []
+            parts = _parts(message.get("content"), where) if message.get("content") else []
             for call in message.get("tool_calls") or []:
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not function.get("name"):
@@ -220,11 +217,11 @@ def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     return system, contents
 
 
-def _parts(content: Any, where: str, *, refusals: bool = False) -> list[dict[str, Any]]:
-    """A message's content as Gemini's parts. With ``refusals`` (an assistant message, whose parts OpenAI's spec types
-    as text or ``refusal``), a refusal part is a text part, what the model said when it refused, as Claude's and
-    Cohere's translations send it on (``common.message_text``). A part Gemini cannot take (a sound, a file) is a 400
-    naming it, ``{where}.content[M].type``, as the other translations name a part."""
+def _parts(content: Any, where: str) -> list[dict[str, Any]]:
+    """A message's content as Gemini's parts. A refusal part (an assistant message's: chat validation refuses it in
+    any other, ``chat.validation.ROLE_CONTENT_PARTS``) is a text part, what the model said when it refused, as
+    Claude's and Cohere's translations send it on (``common.message_text``). A part Gemini cannot take (a user's sound
+    or file) is a 400 naming it, ``{where}.content[M].type``, as the other translations name a part."""
     if isinstance(content, str):
         return [{"text": content}]
     if not isinstance(content, list):
@@ -234,7 +231,7 @@ def _parts(content: Any, where: str, *, refusals: bool = False) -> list[dict[str
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"text": part["text"]})
-        elif kind == "refusal" and refusals and isinstance(part.get("refusal"), str):
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
             parts.append({"text": part["refusal"]})
         elif kind == "image_url":
             url = part.get("image_url")

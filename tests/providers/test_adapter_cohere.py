@@ -179,21 +179,6 @@ def test_a_tool_messages_part_that_is_not_text_is_refused_naming_it_not_dropped(
     assert repr(part["type"]) in str(caught.value)
 
 
-@pytest.mark.parametrize("role", ["system", "developer"])
-def test_a_system_messages_image_part_is_refused_naming_it_not_dropped(role):
-    """Cohere's system message takes text alone (its SystemMessageV2's content items are text): an image part of a
-    system or developer message was dropped without a word (``message_text``). It is refused naming it."""
-    image = {"type": "image_url", "image_url": {"url": PNG_URL}}
-    messages = [
-        {"role": role, "content": [{"type": "text", "text": "Answer in the style of this picture."}, image]},
-        {"role": "user", "content": "hi"},
-    ]
-    with pytest.raises(ProviderBadRequestError) as caught:
-        cohere_request({"model": MODEL, "messages": messages})
-    assert caught.value.param == "messages[0].content[1].type"
-    assert "'image_url'" in str(caught.value)
-
-
 # Translation: Cohere v2 → OpenAI chat ------------------------------------------------------------------
 
 
