@@ -115,3 +115,23 @@ def test_the_responses_translation_of_such_a_stream_makes_no_call_of_a_null(gate
         assert [(call.name, json.loads(call.arguments)) for call in calls] == [("get_weather", {"city": "Paris"})]
     else:
         assert calls == [] and final.response.output_text.startswith("Echo: Paris")
+
+
+@pytest.mark.parametrize("nulls", ["", NULLS], ids=["as sent", "with nulls"])
+def test_several_streamed_calls_numbered_by_none_each_keep_their_arguments(gateway, nulls):
+    """A server that calls several tools at once and numbers no call piece (``[[omit=tool_calls.index]]``): each
+    piece's index is filled in, so its bytes are encoded again. Before: a piece so filled was learned as the template
+    of the next argument pieces (8311dbe), which were then relayed with its call's index: the last call's arguments
+    were joined to the one before (its own came out empty), here and on /v1/messages."""
+    content = f"Paris [[tool_calls=3]] [[omit=tool_calls.index]] {nulls}"
+    chunks, _, request_id = chat_stream(gateway, content, tools=[WEATHER])
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    pieces = [
+        call for chunk in chunks if chunk["choices"] for call in chunk["choices"][0]["delta"].get("tool_calls") or ()
+    ]
+    for index in range(3):
+        arguments = "".join(piece["function"].get("arguments") or "" for piece in pieces if piece["index"] == index)
+        assert json.loads(arguments) == {"city": "Paris"}, index
+    assert {piece["index"] for piece in pieces} == {0, 1, 2}
+    assert wait_for_record(request_id).status == UsageStatus.OK
