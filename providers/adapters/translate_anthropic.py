@@ -799,12 +799,16 @@ def _stop_reason(finish: str | None, sequence: str | None, *, refused: bool = Fa
     """A translated reply's ``stop_reason``: ``refusal`` when the model refused (OpenAI's ``refusal``, which ends
     ``stop``); ``tool_use`` when it called a tool and ended ``stop`` (OpenAI's finish for a call the request forced,
     vLLM's too: a Messages client runs its tools while the reply ends ``tool_use``); ``stop_sequence`` when it
-    stopped at one it names; else its ``finish_reason``'s."""
+    stopped at one it names; else its ``finish_reason``'s, but never ``tool_use`` without a call (a server's
+    ``tool_calls`` or ``function_call`` finish beside none: a client would look for a tool_use block to run)."""
     if refused and finish in (None, "stop"):
         return "refusal"
     if called and finish in (None, "stop"):
         return "tool_use"
-    return "stop_sequence" if sequence else stop_reason(finish)
+    if sequence:
+        return "stop_sequence"
+    reason = stop_reason(finish)
+    return "end_turn" if reason == "tool_use" and not called else reason
 
 
 def stop_sequence_matched(choice: dict[str, Any]) -> str | None:
@@ -1187,6 +1191,22 @@ def reasoning_text(part: dict[str, Any]) -> str:
     return reasoning if isinstance(reasoning, str) else ""
 
 
+# The position a legacy ``function_call`` is read at among a reply's tool calls (theirs are numbered from 0).
+LEGACY_CALL = -1
+
+
+def tool_calls_of(part: dict[str, Any]) -> list[Any]:
+    """The tool calls of a chat completion's message or delta: its ``tool_calls``, or, from a server that answers
+    with the legacy ``function_call`` (``finish_reason: "function_call"``), that call as one tool call without an id,
+    at ``LEGACY_CALL`` (a call of the functions a translation asks with ``tools``, which a Messages or Responses client
+    reads as such)."""
+    calls = part.get("tool_calls")
+    if calls:
+        return calls if isinstance(calls, list) else []
+    function = part.get("function_call")
+    return [{"index": LEGACY_CALL, "function": function}] if isinstance(function, dict) else []
+
+
 def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
     """An Anthropic ``message`` for a ``chat.completion``."""
     choice = (completion.get("choices") or [{}])[0]
@@ -1203,7 +1223,7 @@ def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
     elif reply.get("refusal"):
         content.append({"type": "text", "text": reply["refusal"]})
         refused = True
-    for call in reply.get("tool_calls") or ():
+    for call in tool_calls_of(reply):
         function = call.get("function") or {}
         content.append(
             {
@@ -1334,7 +1354,7 @@ class EventTranslator:
                 # there, the TypeScript SDK's ``citation`` event reads the last block), and a block opened for them
                 # would be an empty text block, which Anthropic refuses sent back. The whole reply keeps them.
                 events.extend(self._delta({"type": "citations_delta", "citation": c}) for c in citations)
-            for call in delta.get("tool_calls") or ():
+            for call in tool_calls_of(delta):
                 self._tool_delta(call, events)
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]

@@ -1,0 +1,112 @@
+"""Odd shapes of an OpenAI-protocol upstream's reply (vLLM's nulls, a legacy ``function_call``, a finish that names
+a call beside none, a length cut in a call, usage null or missing, a refusal, ``content_filter``) read through the two
+other protocols llmhub speaks to its clients: Anthropic's Messages (``/v1/messages``: every whole reply validated by
+the ``anthropic`` SDK's ``Message``, every event by its ``RawMessageStreamEvent``, the stream accumulated by
+``client.messages.stream``) and OpenAI's Responses (``/v1/responses``: every ``Response`` and event against OpenAI's
+spec, the stream accumulated by ``client.responses.stream``)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from anthropic.types import Message
+
+from llmhub.testing.fake_upstream import raw_directive
+from tests.gateway.test_messages_api import WEATHER, assert_anthropic_sequence, client
+from tests.gateway.test_messages_api import raw_events as message_events
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HEAD = {"id": "chatcmpl-odd", "created": 1, "model": "fake-gpt-4o-mini"}
+USAGE = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+PARIS = '{"city": "Paris"}'
+LEGACY_CALL = {"name": "get_weather", "arguments": PARIS}
+OMIT = object()
+
+
+def whole(message: dict | None, finish=None, usage=USAGE) -> bytes:
+    """A whole chat completion of one choice, as an OpenAI-compatible server sends it (``OMIT``: left out)."""
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    body = {**HEAD, "object": "chat.completion", "choices": [choice]}
+    if usage is not OMIT:
+        body["usage"] = usage
+    return json.dumps(body).encode()
+
+
+def streamed(deltas: list[dict], finish="stop", usage=USAGE) -> bytes:
+    """A streamed chat completion: ``deltas``, then the finish and the usage chunk (``OMIT``: left out)."""
+    head = {**HEAD, "object": "chat.completion.chunk"}
+    chunks = [{**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+    chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    if usage is not OMIT:
+        chunks.append({**head, "choices": [], "usage": usage})
+    return b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+
+
+def message_request(raw: bytes) -> dict:
+    return {
+        "model": "gpt-test",
+        "max_tokens": 50,
+        "tools": [WEATHER],
+        "messages": [{"role": "user", "content": "Paris " + raw_directive(raw)}],
+    }
+
+
+def whole_message(gateway, raw: bytes) -> Message:
+    """The whole reply as it came over the wire, validated by the SDK's ``Message`` (not constructed)."""
+    headers = {"x-api-key": gateway.key, "anthropic-version": "2023-06-01"}
+    reply = httpx.post(gateway.url + "/v1/messages", json=message_request(raw), headers=headers, timeout=20)
+    assert reply.status_code == 200, reply.text
+    return Message.model_validate(reply.json())
+
+
+def streamed_message(gateway, raw: bytes) -> Message:
+    """The stream's events, each one of Anthropic's in Anthropic's order, and the SDK's message gathered of them."""
+    reply, events = message_events(gateway, message_request(raw))
+    assert reply.status_code == 200
+    assert_anthropic_sequence([json.loads(data) for _, data in events])
+    with client(gateway).messages.stream(**message_request(raw)) as stream:
+        return stream.get_final_message()
+
+
+def blocks(message: Message) -> list[tuple]:
+    return [
+        (block.type, block.name, block.input) if block.type == "tool_use" else (block.type, block.text)
+        for block in message.content
+    ]
+
+
+LEGACY_STREAM = [
+    {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": ""}},
+    {"function_call": {"arguments": '{"city": '}},
+    {"function_call": {"arguments": '"Paris"}'}},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_legacy_function_call_is_a_tool_use_block_on_messages(gateway, stream):
+    """A server that answers with the legacy ``function_call`` (``finish_reason: "function_call"``) had its call
+    dropped on /v1/messages: an empty content that ended ``tool_use``, so a client's tool loop found no call to run.
+    The call is the reply's tool_use block, whole and streamed."""
+    if stream:
+        message = streamed_message(gateway, streamed(LEGACY_STREAM, "function_call"))
+    else:
+        reply = {"role": "assistant", "content": None, "function_call": LEGACY_CALL}
+        message = whole_message(gateway, whole(reply, "function_call"))
+    assert blocks(message) == [("tool_use", "get_weather", {"city": "Paris"})]
+    assert message.content[0].id.startswith("toolu_")
+    assert message.stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_finish_naming_a_call_beside_none_is_an_end_turn_on_messages(gateway, stream):
+    """A server's ``tool_calls`` finish beside text and no call ended ``tool_use`` with no tool_use block (Anthropic
+    never does: a client runs the blocks it names). It ends ``end_turn``."""
+    if stream:
+        message = streamed_message(gateway, streamed([{"role": "assistant", "content": "hi"}], "tool_calls"))
+    else:
+        message = whole_message(gateway, whole({"role": "assistant", "content": "hi"}, "tool_calls"))
+    assert blocks(message) == [("text", "hi")]
+    assert message.stop_reason == "end_turn"
