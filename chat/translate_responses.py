@@ -24,7 +24,7 @@ from typing import Any
 
 from core.text import text_quoted
 from providers.adapters.common import LOGPROBS, allowed_tools_narrowed
-from providers.adapters.translate_anthropic import reasoning_text
+from providers.adapters.translate_anthropic import reasoning_text, tool_calls_of
 
 from .validation import (
     ALLOWED_TOOLS_MODES,
@@ -1093,7 +1093,7 @@ def response_from_completion(
     if parts:
         response["output"].append(_message_item(_item_id("msg"), parts, status))
     kinds = tool_kinds(body)
-    for call in message.get("tool_calls") or ():
+    for call in tool_calls_of(message):
         function = call.get("function") or {}
         name = function.get("name") or ""
         call_id = call.get("id") or _item_id("call")
@@ -1351,7 +1351,7 @@ class ResponseEvents:
                 events.extend(self._write("output_text", delta["content"], logprobs))
             if delta.get("refusal"):
                 events.extend(self._write("refusal", delta["refusal"]))
-            for call in delta.get("tool_calls") or ():
+            for call in tool_calls_of(delta):
                 events.extend(self._call(call))
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]

@@ -10,12 +10,17 @@ from __future__ import annotations
 import json
 
 import httpx
+import openai
 import pytest
 from anthropic.types import Message
 
 from llmhub.testing.fake_upstream import raw_directive
+from llmhub.testing.openapi import validate_openai_schema
 from tests.gateway.test_messages_api import WEATHER, assert_anthropic_sequence, client
 from tests.gateway.test_messages_api import raw_events as message_events
+from tests.gateway.test_responses_api import WEATHER as RESPONSES_WEATHER
+from tests.gateway.test_responses_api import assert_spec_sequence
+from tests.gateway.test_responses_api import raw_events as response_events
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -110,3 +115,36 @@ def test_a_finish_naming_a_call_beside_none_is_an_end_turn_on_messages(gateway, 
         message = whole_message(gateway, whole({"role": "assistant", "content": "hi"}, "tool_calls"))
     assert blocks(message) == [("text", "hi")]
     assert message.stop_reason == "end_turn"
+
+
+def response_request(raw: bytes) -> dict:
+    return {"model": "gpt-test", "input": "Paris " + raw_directive(raw), "tools": [RESPONSES_WEATHER]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_legacy_function_call_is_a_function_call_item_on_responses(gateway, stream):
+    """The same legacy ``function_call`` on /v1/responses was dropped: a completed response without output, whole
+    and streamed. It is the response's ``function_call`` item, every event and the response of OpenAI's spec and the
+    SDK's stream helper gathering it."""
+    if stream:
+        raw = streamed(LEGACY_STREAM, "function_call")
+        reply, events = response_events(gateway, response_request(raw))
+        assert reply.status_code == 200
+        assert_spec_sequence([event for _, event in events])
+        sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.key, max_retries=0, timeout=20)
+        with sdk.responses.stream(**response_request(raw)) as helper:
+            response = helper.get_final_response().model_dump(mode="json")
+    else:
+        raw = whole({"role": "assistant", "content": None, "function_call": LEGACY_CALL}, "function_call")
+        headers = {"Authorization": f"Bearer {gateway.key}"}
+        reply = httpx.post(gateway.url + "/v1/responses", json=response_request(raw), headers=headers, timeout=20)
+        assert reply.status_code == 200, reply.text
+        response = reply.json()
+        validate_openai_schema(response, "Response")
+    [item] = response["output"]
+    assert (item["type"], item["name"], json.loads(item["arguments"])) == (
+        "function_call",
+        "get_weather",
+        {"city": "Paris"},
+    )
+    assert item["call_id"] and item["status"] == "completed" and response["status"] == "completed"
