@@ -148,3 +148,24 @@ def test_a_legacy_function_call_is_a_function_call_item_on_responses(gateway, st
         {"city": "Paris"},
     )
     assert item["call_id"] and item["status"] == "completed" and response["status"] == "completed"
+
+
+def test_the_unnumbered_calls_of_a_stream_keep_their_own_arguments_on_chat_completions(gateway):
+    """A server that numbers no call piece (no ``index``; each call's first piece with its ``id``) has each piece
+    numbered by llmhub. The first argument piece so filled was learned as the template the pieces like it were relayed
+    as, its filled-in index with it (8311dbe), so every later call's arguments went to the second call: a chat client
+    joined them into one call's JSON, and a Messages client (test_several_streamed_tool_calls_of_a_translated_model_
+    stay_apart) got the third call without input. Each call keeps its own."""
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.key, max_retries=0, timeout=20)
+    arguments: dict[int, str] = {}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["input_schema"]}}
+    for chunk in sdk.chat.completions.create(
+        model="gpt-test",
+        stream=True,
+        tools=[tool],
+        messages=[{"role": "user", "content": "Paris [[tool_calls=3]] [[omit=tool_calls.index]]"}],
+    ):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or ():
+                arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
+    assert {index: json.loads(text) for index, text in arguments.items()} == {i: {"city": "Paris"} for i in range(3)}
