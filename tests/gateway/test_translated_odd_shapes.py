@@ -169,3 +169,138 @@ def test_the_unnumbered_calls_of_a_stream_keep_their_own_arguments_on_chat_compl
             for call in choice.delta.tool_calls or ():
                 arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
     assert {index: json.loads(text) for index, text in arguments.items()} == {i: {"city": "Paris"} for i in range(3)}
+
+
+# Odd shapes read right before these fixes (kept as guards): what the upstream sent, whole and streamed; the Messages
+# reply's blocks and stop_reason; the Response's status.
+NULL_CALL = {"id": None, "type": None, "function": {"name": "get_weather", "arguments": PARIS}}
+GUARDS = {
+    "refusal": (
+        {"role": "assistant", "content": None, "refusal": "no"},
+        [{"role": "assistant", "content": None, "refusal": ""}, {"refusal": "no"}],
+        "stop",
+        [("text", "no")],
+        "refusal",
+        "completed",
+    ),
+    "content_filter": (
+        {"role": "assistant", "content": "par"},
+        [{"role": "assistant", "content": "par"}],
+        "content_filter",
+        [("text", "par")],
+        "refusal",
+        "incomplete",
+    ),
+    "length_in_a_call": (
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    **NULL_CALL,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Pa'},
+                }
+            ],
+        },
+        [
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": ""},
+                    }
+                ],
+            },
+            {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Pa'}}]},
+        ],
+        "length",
+        [("tool_use", "get_weather", {})],
+        "max_tokens",
+        "incomplete",
+    ),
+    "vllm_nulls": (
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [NULL_CALL],
+            "function_call": None,
+            "refusal": None,
+            "annotations": None,
+            "reasoning_content": None,
+        },
+        [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": None}}
+                ],
+                "function_call": None,
+            },
+            {
+                "role": None,
+                "content": None,
+                "tool_calls": [{"index": 0, "id": None, "type": None, "function": {"name": None, "arguments": PARIS}}],
+                "function_call": None,
+            },
+        ],
+        "tool_calls",
+        [("tool_use", "get_weather", {"city": "Paris"})],
+        "tool_use",
+        "completed",
+    ),
+    "empty": (
+        {"role": "assistant", "content": ""},
+        [{"role": "assistant", "content": ""}],
+        "stop",
+        [],
+        "end_turn",
+        "completed",
+    ),
+}
+USAGES = {"usage_given": USAGE, "usage_null": None, "usage_missing": OMIT}
+
+
+@pytest.mark.parametrize("usage", list(USAGES))
+@pytest.mark.parametrize("case", list(GUARDS))
+@pytest.mark.parametrize("stream", [False, True])
+def test_odd_shapes_are_anthropics_message_and_events(gateway, case, usage, stream):
+    """Each is a ``Message`` the SDK validates (every event one of its own, in order, gathered by its stream helper)
+    with the reply's blocks and stop_reason, whatever usage the upstream said."""
+    message, deltas, finish, expected, stop, _ = GUARDS[case]
+    if stream:
+        got = streamed_message(gateway, streamed(deltas, finish, USAGES[usage]))
+    else:
+        got = whole_message(gateway, whole(message, finish, USAGES[usage]))
+    assert blocks(got) == expected and got.stop_reason == stop
+
+
+@pytest.mark.parametrize("case", list(GUARDS))
+@pytest.mark.parametrize("stream", [False, True])
+def test_odd_shapes_are_openais_response_and_events(gateway, case, stream):
+    """Each is a ``Response`` of OpenAI's spec (every event one of the spec's, in order), of the status its finish
+    says; one that completed is gathered by the SDK's stream helper (which gathers nothing but a completed one)."""
+    message, deltas, finish, _, _, status = GUARDS[case]
+    if stream:
+        raw = streamed(deltas, finish, None)
+        reply, events = response_events(gateway, response_request(raw))
+        assert reply.status_code == 200
+        assert_spec_sequence([event for _, event in events])
+        response = events[-1][1]["response"]
+        if status == "completed":
+            sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.key, max_retries=0, timeout=20)
+            with sdk.responses.stream(**response_request(raw)) as helper:
+                assert helper.get_final_response().status == "completed"
+    else:
+        headers = {"Authorization": f"Bearer {gateway.key}"}
+        raw = whole(message, finish, None)
+        reply = httpx.post(gateway.url + "/v1/responses", json=response_request(raw), headers=headers, timeout=20)
+        assert reply.status_code == 200, reply.text
+        response = reply.json()
+        validate_openai_schema(response, "Response")
+    assert response["status"] == status
