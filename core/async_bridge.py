@@ -8,6 +8,13 @@ its next ``sync_to_async`` is handed to a caller that is gone and waits for it f
 never ends (nor the work it holds: connections, the rows it was about to write). ``run_async`` is
 ``async_to_sync`` on a loop of its own that, when the caller is interrupted, is stopped before the exception goes
 on: its tasks are cancelled, and the caller runs their ``sync_to_async`` clean-up until every one has ended.
+
+That wait is bounded (``STOP_GRACE_SECONDS``, well inside the minute billiard leaves between the soft and the hard
+limit, whose SIGKILL ends a child stuck there whatever it does): a call that does not end when cancelled (a
+clean-up that waits for what no thread will do, a coroutine that swallows the cancel) held its caller for ever, a
+worker child until that SIGKILL, a test run for good. Past the bound the call's task is cancelled again (a second
+cancel ends a clean-up's ``sync_to_async`` wait whatever became of its work item), and past a second one the loop
+is abandoned, with an error log naming the function, and the exception goes on.
 """
 
 from __future__ import annotations
@@ -15,12 +22,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.current_thread_executor import CurrentThreadExecutor
 from asgiref.sync import AsyncToSync
+
+logger = logging.getLogger(__name__)
+
+# How long an interrupted caller waits for the cancelled call's clean-up, then again after a second cancel.
+STOP_GRACE_SECONDS = 20.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -29,7 +42,8 @@ R = TypeVar("R")
 def run_async(func: Callable[P, Coroutine[Any, Any, R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
     """``async_to_sync(func)(*args, **kwargs)``, on a new event loop that has ended when this returns or raises,
     even when the caller is interrupted while it waits (above)."""
-    loop_of_call: dict[str, Any] = {}
+    # what a log line names: the function, never its arguments (a key may be one)
+    loop_of_call: dict[str, Any] = {"name": getattr(func, "__qualname__", type(func).__qualname__)}
     ended: concurrent.futures.Future[None] = concurrent.futures.Future()
     lock = threading.Lock()
 
@@ -70,14 +84,47 @@ async def _until_all_ended(ended: concurrent.futures.Future[None]) -> None:
 
 def _stop(loop_of_call: dict[str, Any], ended: concurrent.futures.Future[None]) -> None:
     """The caller was interrupted (or the call raised): cancel the call's task, and run the loop's
-    thread-sensitive work here until all its tasks have ended. A call that raised has ended already."""
+    thread-sensitive work here until all its tasks have ended, or ``STOP_GRACE_SECONDS`` twice over (above).
+    A call that raised has ended already."""
     loop: asyncio.AbstractEventLoop | None = loop_of_call.get("loop")
     executor: CurrentThreadExecutor | None = loop_of_call.get("executor")
     if loop is None or ended.done():
         return
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: it ended, and set ``ended`` first
-        loop.call_soon_threadsafe(loop_of_call["task"].cancel)
-    if executor is not None:
-        executor.run_until_future(ended)
-    else:
-        ended.result()
+    task: asyncio.Task[Any] = loop_of_call["task"]
+
+    def cancel() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: it ended, and set ``ended`` first
+            loop.call_soon_threadsafe(task.cancel)
+
+    # ``run_until_future`` takes no timeout: it waits for ``waited``, which ``ended`` or the second bound sets.
+    waited: concurrent.futures.Future[None] = concurrent.futures.Future()
+    ended.add_done_callback(lambda _: _settle(waited))
+    left = threading.Event()
+
+    def bound() -> None:
+        if left.wait(STOP_GRACE_SECONDS):
+            return
+        cancel()
+        if not left.wait(STOP_GRACE_SECONDS):
+            _settle(waited)
+
+    cancel()
+    threading.Thread(target=bound, name="run_async-stop-bound", daemon=True).start()
+    try:
+        if executor is not None:
+            executor.run_until_future(waited)
+        else:
+            waited.result()
+    finally:
+        left.set()
+    if not ended.done():
+        logger.error(
+            "run_async: the interrupted call of %s did not end within %ss of its cancel; its loop is abandoned",
+            loop_of_call["name"],
+            2 * STOP_GRACE_SECONDS,
+        )
+
+
+def _settle(future: concurrent.futures.Future[None]) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        future.set_result(None)

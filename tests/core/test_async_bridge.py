@@ -5,6 +5,7 @@ signal handler)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import threading
@@ -14,6 +15,7 @@ from asgiref.sync import AsyncToSync, sync_to_async
 from billiard.pool import soft_timeout_sighandler
 from celery.exceptions import SoftTimeLimitExceeded
 
+from core import async_bridge
 from core.async_bridge import run_async
 
 
@@ -62,3 +64,66 @@ def test_an_interrupted_caller_runs_the_cancelled_calls_database_clean_up_and_le
 
     assert cleaned_in == [threading.main_thread()]
     assert set(AsyncToSync.loop_thread_executors) <= loops_before
+
+
+class Stuck(BaseException):
+    """Raised in the main thread by the watchdog below: the call did not leave."""
+
+
+def _raise_stuck(signum, frame):
+    raise Stuck("run_async did not leave after its caller was interrupted")
+
+
+def test_an_interrupted_caller_whose_call_does_not_end_when_cancelled_leaves_within_the_bound(monkeypatch, caplog):
+    """A call whose clean-up waits for ever, then swallows every cancel: the caller cancels it, again after
+    ``STOP_GRACE_SECONDS``, and past twice that leaves with its exception and a log line naming the loop's task,
+    where it used to wait for ever (a worker child stuck until the hard limit's SIGKILL; a test run that never
+    ended). The watchdog turns such a wait into a failure (``Stuck``)."""
+    monkeypatch.setattr(async_bridge, "STOP_GRACE_SECONDS", 0.1)
+    started = threading.Event()
+    cancels: list[str] = []
+    left = threading.Event()
+    released = threading.Event()  # lets the abandoned loop end after the test, or the worker would not exit
+
+    async def never_ends() -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            while not released.is_set():  # a clean-up that will not be cancelled
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    cancels.append("cancelled")
+
+    main = threading.main_thread().ident
+
+    def time_is_up() -> None:
+        assert started.wait(30), "the call never started"
+        signal.pthread_kill(main, signal.SIGUSR1)
+        if not left.wait(30):
+            signal.pthread_kill(main, signal.SIGUSR2)
+
+    loops_before = set(AsyncToSync.loop_thread_executors)
+    previous = signal.signal(signal.SIGUSR1, soft_timeout_sighandler)
+    previous_2 = signal.signal(signal.SIGUSR2, _raise_stuck)
+    timer = threading.Thread(target=time_is_up)
+    try:
+        timer.start()
+        with caplog.at_level(logging.ERROR, logger="core.async_bridge"), pytest.raises(SoftTimeLimitExceeded):
+            try:
+                run_async(never_ends)
+            finally:
+                left.set()
+    finally:
+        released.set()
+        timer.join()
+        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGUSR2, previous_2)
+
+    assert cancels == ["cancelled"]  # the second cancel reached the clean-up
+    [record] = caplog.records
+    assert "abandoned" in record.getMessage()
+    assert "never_ends" in record.getMessage()
+    while set(AsyncToSync.loop_thread_executors) - loops_before:  # released, the loop ends (the timeout bounds this)
+        threading.Event().wait(0.01)
