@@ -18,6 +18,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core import async_bridge
 from core.async_bridge import run_async
 
+# This file raises exceptions from signal handlers, as billiard does: pytest-timeout's own SIGALRM is raised the same
+# way, and where it is not delivered (a hang in the main thread) it never fires. The thread method always does: it
+# dumps every thread's stack and ends the worker, which xdist reports and replaces.
+pytestmark = pytest.mark.timeout(60, method="thread")
+
 
 async def add(a: int, b: int) -> int:
     return a + b
