@@ -278,21 +278,96 @@ def process_stop(process: subprocess.Popen, grace: float = 10.0) -> None:
     process.wait(timeout=grace)
 
 
+class PortTakenError(RuntimeError):
+    """The server a test started ended while another process listened on the port it was given (it lost the bind
+    to a server of another test run on this machine): start it again on another port."""
+
+
 def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
-    """Until something listens on ``port``; with ``process`` (the server meant to listen there), fails at
-    once, with its exit status, if it has ended instead of waiting out the timeout. The timeout is generous: it
-    costs nothing when the server starts, and a server process importing Django on a loaded 2-core machine took
-    more than 15 s (the former default) in CI runs beside other work.
+    """Until something listens on ``port``; with ``process`` (the server meant to listen there), until that
+    process (or one it started) listens there, and failing at once, with its exit status, if it has ended instead
+    of waiting out the timeout (``PortTakenError`` if another process held the port meanwhile). The timeout is
+    generous: it costs nothing when the server starts, and a server process importing Django on a loaded 2-core
+    machine took more than 15 s (the former default) in CI runs beside other work.
+
+    Whose listener it is matters: ``free_port`` hands each xdist worker a band of ports, but every test run on
+    the machine has a ``gw0`` of the same band, and in the seconds a server takes to import Django another run's
+    server (a live server of tests/gateway binds at once) can take the port. This server then dies on "address
+    already in use", and a wait that took any listener for it had the test send its requests to the other run's
+    server, on another database: a key the test had just created got 401 "Incorrect API key", and the fake
+    upstream never saw the requests (the PostgreSQL phase of tests/billing/test_inflight_reservations.py, once).
 
     Whenever the wait fails (the timeout, the process ended, the test interrupted), ``process`` is stopped
     (``process_stop``) before the failure goes on: the fixture that started it has not handed it to its
     teardown yet, and a server that never listened was left running for the rest of the session."""
+    foreign: list[bool] = []
 
     def listens() -> bool:
         with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return False
+        if process is None:
+            return True
+        ours = _listens_in(port, process.pid)
+        foreign[:] = [ours is False]
+        return ours is not False
 
-    wait_for_ready(process, listens, f"nothing listens on 127.0.0.1:{port}", timeout=timeout)
+    try:
+        wait_for_ready(process, listens, f"nothing listens on 127.0.0.1:{port}", timeout=timeout)
+    except RuntimeError as exc:
+        if foreign and foreign[0]:
+            raise PortTakenError(f"{exc}; another process listens on 127.0.0.1:{port}") from None
+        raise
+
+
+def _listens_in(port: int, pid: int) -> bool | None:
+    """Whether process ``pid`` or one of its descendants holds the socket listening on ``port`` (Linux's
+    /proc); None where /proc does not say (another system, or the listener not found there)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    return _holds(pid, inodes) or any(_holds(member, inodes) for member in _process_tree(pid)[1:])
+
+
+def _holds(pid: int, sockets: set[str]) -> bool:
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) in sockets:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc's parent ids."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        parent = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        member = todo.pop()
+        tree.append(member)
+        todo.extend(children.get(member, ()))
+    return tree
 
 
 def wait_for_ready(

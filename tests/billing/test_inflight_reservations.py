@@ -15,9 +15,12 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from datetime import datetime, timedelta
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -50,13 +53,14 @@ from providers.models import CatalogModel, Deployment
 from providers.tokens import prompt_tokens
 from tests.billing.conftest import counter_unreconcilable
 from tests.billing.test_concurrency import MAX_TOKENS, RESERVATION, key_ref, ledger_sum, server_env
-from tests.conftest import free_port, process_stop, python_argv, redis_start, wait_for_port
+from tests.conftest import PortTakenError, free_port, process_stop, python_argv, redis_start, wait_for_port
 from tests.factories import UserFactory
 from tests.waiting import wait_for_ledger_rows, wait_until, wait_until_async
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants(only=["last-second-of-month"])]
 
 ROOT = Path(__file__).resolve().parents[2]
+PORTS = free_port  # as imported: a test hands out a port of its own first
 
 
 def body(*, latency_ms: int = 0) -> dict:
@@ -115,19 +119,29 @@ class Server:
     """``uvicorn llmhub.asgi:application`` in a process of its own, on the test database."""
 
     def __init__(self, redis_url: str, log: Path, clock: datetime | None, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = log.open("w")
-        self.process = subprocess.Popen(
-            python_argv(
-                clock, "uvicorn", "llmhub.asgi:application", "--port", str(self.port), "--log-level", "warning"
-            ),
-            cwd=ROOT,
-            env={**server_env(redis_url), **env},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.port, process=self.process)
+        for attempt in range(1, 6):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.process = subprocess.Popen(
+                python_argv(
+                    clock, "uvicorn", "llmhub.asgi:application", "--port", str(self.port), "--log-level", "warning"
+                ),
+                cwd=ROOT,
+                env={**server_env(redis_url), **env},
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                wait_for_port(self.port, process=self.process)
+                return
+            except PortTakenError:  # another test run's server took the port while this one started
+                if attempt == 5:
+                    self.log.close()
+                    raise
+            except BaseException:
+                self.log.close()
+                raise
 
     def stop(self) -> None:
         process_stop(self.process, grace=30)
@@ -264,6 +278,47 @@ def three_spent_and_one_more_admitted(budget_key, server: Server) -> None:
             return [(await post(client, server.url, budget_key["secret"], body())).status_code for _ in range(2)]
 
     assert asyncio.run(two_more()) == [200, 429]
+
+
+class _AnotherRunsServer(BaseHTTPRequestHandler):
+    """What another test run's llmhub answers a key it has never seen (its database is not this test's)."""
+
+    def do_POST(self) -> None:
+        payload = json.dumps({"error": {"message": "Incorrect API key provided.", "code": "invalid_api_key"}})
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_server_whose_port_another_run_takes_first_is_started_on_another(
+    servers, budget_key, fake_upstream, monkeypatch
+):
+    """The port a server is given is taken, while it starts, by another test run's server (every run's gw0 has
+    the same band of ports): the server loses the bind and ends, and is started again on another port; the test
+    talks to its own server, which knows the key it has just created, not to the other run's (401)."""
+    another = ThreadingHTTPServer(("127.0.0.1", free_port()), _AnotherRunsServer)
+    threading.Thread(target=another.serve_forever, daemon=True).start()
+    handed = iter([another.server_address[1]])
+    monkeypatch.setattr(sys.modules[__name__], "free_port", lambda: next(handed, None) or PORTS())
+    try:
+        (server,) = servers("")
+
+        async def one() -> httpx.Response:
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await post(client, server.url, budget_key["secret"], body())
+
+        response = asyncio.run(one())
+    finally:
+        another.shutdown()
+        another.server_close()
+    assert response.status_code == 200, response.text[:300]
+    assert server.port != another.server_address[1]
+    assert fake_upstream.stats["requests"] == 1
 
 
 # POINT 1: A REDIS RESTART LETS NO KEY OVERSPEND
