@@ -32,6 +32,9 @@ from asgiref.sync import AsyncToSync
 
 logger = logging.getLogger(__name__)
 
+# How often a call from the main thread wakes its wait (``_wake``).
+WAKE_SECONDS = 0.25
+
 # How long an interrupted caller waits for the cancelled call's clean-up, then again after a second cancel.
 STOP_GRACE_SECONDS = 20.0
 
@@ -58,6 +61,9 @@ def run_async(func: Callable[P, Coroutine[Any, Any, R]], /, *args: P.args, **kwa
             loop_of_call["keeper"] = asyncio.create_task(_until_all_ended(ended))  # a loop holds tasks weakly
         return await func(*args, **kwargs)
 
+    returned = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        threading.Thread(target=_wake, args=(loop_of_call, returned), name="run_async-waker", daemon=True).start()
     try:
         return AsyncToSync(call, force_new_loop=True)()
     except BaseException:
@@ -65,6 +71,22 @@ def run_async(func: Callable[P, Coroutine[Any, Any, R]], /, *args: P.args, **kwa
             loop_of_call["abandoned"] = True
         _stop(loop_of_call, ended)
         raise
+    finally:
+        returned.set()
+
+
+def _wake(loop_of_call: dict[str, Any], returned: threading.Event) -> None:
+    """Wake the main thread's wait every ``WAKE_SECONDS`` while the call runs, so that a signal's handler (billiard's
+    soft time limit) runs: CPython runs a Python handler only when the main thread next runs bytecode, and a signal
+    that comes just before the thread sleeps in a lock's wait (asgiref's ``run_until_future`` waits without a
+    timeout) does not interrupt that wait: the handler never ran, and the caller waited for the call for ever (one
+    call in a few hundred in a loop here, 7 December 2026). Woken, the wait finds no work and waits again, running
+    the pending handler on the way. Only the main thread gets signals' handlers, so only its calls start this."""
+    while not returned.wait(WAKE_SECONDS):
+        executor: CurrentThreadExecutor | None = loop_of_call.get("executor")
+        if executor is not None:
+            with executor._work_ready:  # asgiref's condition its run_until_future waits on
+                executor._work_ready.notify_all()
 
 
 async def _until_all_ended(ended: concurrent.futures.Future[None]) -> None:
