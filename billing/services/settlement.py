@@ -62,8 +62,9 @@ def settlement_tokens(
     and, since the provider got as far as producing it, the prompt; an embeddings request that succeeded
     without usage is charged its input. ``output_arrived``: the model wrote something nothing of which was
     relayed (the output check cut the stream on its first words): the prompt is charged, and the completion
-    is what was relayed, none. A request that produced nothing (refused upstream, cut before its first token)
-    costs nothing and is not an estimate."""
+    is what was relayed, none. A reply the provider completed (``OK``) that wrote nothing, or nothing llmhub
+    counts, is charged its prompt too: the provider billed it (until 7 December 2026 it cost nothing). A request
+    that produced nothing (refused upstream, cut before its first token) costs nothing and is not an estimate."""
     reported = _reported(usage, operation)
     if reported is not None:
         prompt, completion, cached, written = reported
@@ -81,7 +82,7 @@ def settlement_tokens(
         if status == UsageStatus.OK:
             return prompt_tokens(body, operation=operation), 0, 0, 0, True
         return 0, 0, 0, 0, False
-    if delivered_text or output_arrived:
+    if delivered_text or output_arrived or status == UsageStatus.OK:
         return prompt_tokens(body, operation=operation), text_tokens(delivered_text), 0, 0, True
     return 0, 0, 0, 0, False
 

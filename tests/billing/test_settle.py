@@ -88,8 +88,14 @@ def test_a_usage_that_counts_one_of_the_two_has_the_other_estimated_and_flagged(
 
 
 def test_a_request_that_produced_nothing_costs_nothing_and_is_no_estimate():
-    for status in (UsageStatus.OK, UsageStatus.UPSTREAM_ERROR, UsageStatus.CANCELLED):
+    for status in (UsageStatus.UPSTREAM_ERROR, UsageStatus.CANCELLED, UsageStatus.CLIENT_DISCONNECTED):
         assert tokens(status=status) == (0, 0, 0, 0, False)
+
+
+def test_a_reply_completed_empty_without_usage_is_charged_its_prompt_estimated():
+    """The provider answered, wrote nothing (or only what llmhub does not count) and reported no usage: it billed
+    the prompt. Before, the row charged nothing."""
+    assert tokens(status=UsageStatus.OK) == (prompt_tokens(CHAT, operation=Operation.CHAT), 0, 0, 0, True)
 
 
 def test_embeddings_are_charged_their_input_estimated_only_when_the_upstream_counted_none():

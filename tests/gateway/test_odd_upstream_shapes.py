@@ -1009,3 +1009,28 @@ def test_a_whole_replys_null_completion_count_is_estimated_and_the_row_says_so(g
     assert record.usage_estimated
     assert (record.prompt_tokens, record.completion_tokens) == (5, text_tokens("Hello there"))
     assert response.json()["usage"] == _charged_usage(record)
+
+
+# A reply the provider completed with nothing in it, and no usage: the provider billed its prompt ------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_reply_without_usage_is_charged_its_prompt_estimated(gateway, stream):
+    """A server that reports no usage answering an empty reply (``content: ""``, ``finish_reason: stop``) billed the
+    prompt; before, the row charged 0 tokens and cost nothing, and on a key with a budget such replies were free."""
+    empty = completion({"role": "assistant", "content": ""})
+    del empty["usage"]
+    if stream:
+        chunks = sse(chunk({"role": "assistant", "content": ""}), chunk({}, "stop"), "[DONE]")
+        _, done, record = streamed(gateway, chunks)
+        assert done
+    else:
+        response, record = whole(gateway, empty)
+        assert response.status_code == 200, response.text
+        validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+        assert response.json()["usage"] == _charged_usage(record)
+    assert_sane_row(record)
+    assert record.status == UsageStatus.OK
+    assert record.usage_estimated
+    assert record.prompt_tokens > 0 and record.completion_tokens == 0
+    assert record.cost > 0
