@@ -106,27 +106,74 @@ def _directory_prepare(directory: Path) -> None:
     """Create the directory; empty it if the server that owned it is gone (a new run, or a restarted container),
     and leave it as it is when its owner lives (another worker of the same server, or a second process an
     operator points at the same directory on purpose). Under a ``flock``: the workers start together.
-    Also removes sibling ``run-*`` directories (see ``metrics_directory_choose``) whose owners are gone."""
-    directory.mkdir(parents=True, exist_ok=True)
+    Also removes sibling ``run-*`` directories (see ``metrics_directory_choose``) whose owners are gone
+    (``_sibling_sweep``)."""
     owner = _process_identity(_owner_pid())
-    with open(directory / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _directory_locked(directory):
+        marker = directory / OWNER_FILE
         try:
-            marker = directory / OWNER_FILE
-            try:
-                recorded = marker.read_text().strip()
-            except FileNotFoundError:
-                recorded = ""
-            if recorded != owner and not _identity_alive(recorded):
-                for stale in directory.glob("*.db"):
-                    stale.unlink(missing_ok=True)
-                marker.write_text(f"{owner}\n")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            recorded = marker.read_text().strip()
+        except FileNotFoundError:
+            recorded = ""
+        if recorded != owner and not _identity_alive(recorded):
+            for stale in directory.glob("*.db"):
+                stale.unlink(missing_ok=True)
+            marker.write_text(f"{owner}\n")
     if directory.name.startswith("run-"):
-        for sibling in directory.parent.glob("run-*"):
-            if sibling != directory and sibling.is_dir() and not _directory_owned(sibling):
-                shutil.rmtree(sibling, ignore_errors=True)
+        _sibling_sweep(directory)
+
+
+@contextlib.contextmanager
+def _directory_locked(directory: Path, *, attempts: int = 10):
+    """The directory, created if need be, under its ``flock``. A sibling's sweep may remove the directory between
+    its creation and the lock, or while this process waits for the lock (``_sibling_sweep`` removes it holding
+    that lock): the lock is then on a file no longer in the directory, and the directory is made again."""
+    for _ in range(attempts):
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = open(directory / LOCK_FILE, "a")  # closed below, after the caller's block
+        except FileNotFoundError:
+            continue  # removed after the mkdir
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                held = os.fstat(lock.fileno()).st_ino == os.stat(directory / LOCK_FILE).st_ino
+            except FileNotFoundError:
+                held = False
+            if held:
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                return
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            lock.close()
+    raise OSError(f"metrics directory {directory} kept being removed while it was prepared")
+
+
+def _sibling_sweep(directory: Path) -> None:
+    """Remove the ``run-*`` siblings of ``directory`` nobody uses, each under its own lock, taken without waiting:
+    a sibling whose lock is held is being prepared right now (a server or worker starting in it, its marker not
+    yet written) and is left; one unlocked is judged again under the lock, so a process that starts in it after
+    the judgement waits for the removal and makes it again (``_directory_locked``)."""
+    for sibling in directory.parent.glob("run-*"):
+        if sibling == directory or not sibling.is_dir() or _directory_owned(sibling):
+            continue
+        try:
+            lock = open(sibling / LOCK_FILE, "a")
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed by another server's sweep
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            try:
+                if not _directory_owned(sibling):
+                    shutil.rmtree(sibling, ignore_errors=True)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _identity_alive(identity: str) -> bool:

@@ -4,11 +4,15 @@ processes, and saying what each request did, through a live llmhub and the fake 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import linecache
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -664,6 +668,61 @@ def test_a_sibling_directory_whose_namesake_lives_is_kept_whoever_its_marker_nam
     core_metrics._directory_prepare(tmp_path / "run-1")  # another server starting beside them
     assert (mine / "counter_1.db").exists()
     assert not abandoned.exists()
+
+
+def _dead_pid() -> int:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(gone.stdout)
+
+
+def test_a_sibling_being_prepared_is_not_swept_and_one_swept_under_a_waiting_preparer_is_made_again(tmp_path):
+    """A server starting sweeps the ``run-*`` siblings nobody uses. One whose namesake is gone and whose marker is
+    not written yet may be a directory another process is preparing right now (handed to it in its environment):
+    while that process holds its lock, the sweep leaves it. And a process that was waiting for the lock of a
+    directory the sweep removed under that lock makes the directory again rather than failing to write its
+    marker into a removed one."""
+    sibling = tmp_path / f"run-{_dead_pid()}"
+    sibling.mkdir()
+    (sibling / "counter_1.db").write_bytes(b"counts")
+    with open(sibling / core_metrics.LOCK_FILE, "a") as preparing:
+        fcntl.flock(preparing, fcntl.LOCK_EX)
+        core_metrics._directory_prepare(tmp_path / "run-1")
+        assert (sibling / "counter_1.db").exists()
+
+        # The sweep judged it unused and removes it holding its lock, while a process waits for that lock.
+        errors: list[BaseException] = []
+
+        def prepare() -> None:
+            try:
+                core_metrics._directory_prepare(sibling)
+            except BaseException as error:  # reported to the test's thread
+                errors.append(error)
+
+        waiting = threading.Thread(target=prepare)
+        waiting.start()
+        wait_until(lambda: _waits_for_a_lock(waiting), "the preparer waits for the sibling's lock")
+        shutil.rmtree(sibling)
+        fcntl.flock(preparing, fcntl.LOCK_UN)
+    waiting.join(timeout=30)
+    assert not errors
+    assert (sibling / core_metrics.OWNER_FILE).read_text().strip() == core_metrics._process_identity(os.getpid())
+
+    # Once nobody holds it and its owner is gone (here: the marker names a dead process), the next sweep removes it.
+    (sibling / core_metrics.OWNER_FILE).write_text(f"{_dead_pid()}:12345\n")
+    core_metrics._directory_prepare(tmp_path / "run-1")
+    assert not sibling.exists()
+
+
+def _waits_for_a_lock(thread: threading.Thread) -> bool:
+    """Whether the thread is inside ``flock`` (its frame's current line calls it)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "_directory_locked" and "flock" in linecache.getline(
+            frame.f_code.co_filename, frame.f_lineno
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def test_a_dead_workers_in_flight_requests_are_not_summed_for_ever(llmhub_server, scraping, tmp_path):
