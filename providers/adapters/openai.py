@@ -88,17 +88,6 @@ _COMPLETION_PARAMS = (
 )
 
 
-def _piece_unnumbered(chunk: dict[str, Any]) -> bool:
-    """Whether ``chunk``'s first choice carries a tool call piece without its ``index`` (servers that number no call
-    send several calls' pieces so), which ``StreamShape`` numbers by the stream's state."""
-    choices = chunk.get("choices")
-    if type(choices) is not list or not choices or type(choices[0]) is not dict:
-        return False
-    delta = choices[0].get("delta")
-    calls = delta.get("tool_calls") if type(delta) is dict else None
-    return type(calls) is list and any(type(call) is dict and "index" not in call for call in calls)
-
-
 # Where a chunk's text is, and a streamed tool call's next piece of arguments (``text_chunks``).
 _TEXT_PATH = ("choices", 0, "delta", "content")
 _ARGUMENTS_PATH = ("choices", 0, "delta", "tool_calls", 0, "function", "arguments")
@@ -379,10 +368,6 @@ class OpenAIAdapter(BaseAdapter):
         # the client's SSE framing, so that one is encoded again.
         # So is one that held a number JSON has not (NaN, an infinity), read as another (``json_constant``).
         raw = data if b"\n" not in data and b"\r" not in data and not constants else None
-        # A call piece the upstream numbered none of gets its index from the stream's state (``_calls_numbered``): its
-        # filled bytes carry that call's index, so no template is learned from them for later pieces, which may be
-        # another call's (``_piece_unnumbered``).
-        unnumbered = raw is not None and _piece_unnumbered(chunk)
         if shape.conform(chunk):
             relayed = raw
         else:
@@ -392,7 +377,10 @@ class OpenAIAdapter(BaseAdapter):
             relayed = None if raw is None else chunk_json(chunk)
         if raw is not None and not state.finished:
             state.texts.learn(chunk, raw, None if relayed is raw else relayed)
-            if relayed is raw or not unnumbered:
+            # A call piece the upstream numbered none of got its index from the stream's state (``shape.numbered``):
+            # its filled bytes carry that call's index, so no template is learned from them for later pieces, which
+            # may be another call's.
+            if not shape.numbered:
                 state.arguments.learn(chunk, raw, None if relayed is raw else relayed)
         return WireChunk(chunk, relayed)
 

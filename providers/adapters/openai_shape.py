@@ -462,9 +462,11 @@ def completion_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
 class StreamShape:
     """The state one stream needs to fill its chunks in: the ``id`` and ``created`` of its first chunk
     (every chunk of a stream carries the same ones), or made-up ones when the upstream sent none; and, per
-    choice, the tool call being streamed (``_calls_numbered``)."""
+    choice, the tool call being streamed (``_calls_numbered``). ``numbered``: whether the chunk ``conform`` last took
+    had a tool call piece that the upstream numbered none of, which the stream's state numbered: its filled bytes
+    carry that call's index, so the adapter learns no argument template from them (``OpenAIAdapter._chunk``)."""
 
-    __slots__ = ("_calls", "_content", "_created", "_id", "_model")
+    __slots__ = ("_calls", "_content", "_created", "_id", "_model", "numbered")
 
     def __init__(self, model: str, *, content: ContentSpeller = text_parts_joined) -> None:
         self._model = model
@@ -472,6 +474,7 @@ class StreamShape:
         self._id: str | None = None
         self._created: int | None = None
         self._calls: dict[int, tuple[int, str | None]] = {}  # choice index -> (its current call's index, id)
+        self.numbered = False
 
     def conform(self, chunk: dict[str, Any]) -> bool:
         """True when ``chunk`` already has every required field (leave its bytes alone); else fill it in,
@@ -497,7 +500,9 @@ class StreamShape:
         if valid:
             if self._id is None:
                 self._id, self._created = chunk_id, created
+            self.numbered = False  # a valid chunk's every call piece has its index
             return True
+        self.numbered = False
         self._fill(chunk)
         return False
 
@@ -562,6 +567,7 @@ class StreamShape:
             if current < 0 or position > 0 or (call_id is not None and call_id != current_id):
                 current, current_id = current + 1, call_id
             call["index"] = current
+            self.numbered = True
         self._calls[choice_index] = (current, current_id)
 
 
