@@ -35,6 +35,15 @@ logger = logging.getLogger(__name__)
 # How often a call from the main thread wakes its wait (``_wake``).
 WAKE_SECONDS = 0.25
 
+# asgiref (3.13) offers no public way to wake or time out ``CurrentThreadExecutor.run_until_future``: it waits on
+# this condition, a private attribute, with no timeout. Its public ``submit`` would wake it too, but runs the item
+# submitted in the waiting thread inside ``_WorkItem.run``, which catches every exception into the item's future: a
+# soft limit whose handler ran there would be swallowed, no longer raised to the caller. An asgiref without the
+# attribute (renamed in an upgrade) leaves the wait unwoken, as before 7 December, with one warning (``_wakeable``).
+_WAIT_CONDITION = "_work_ready"
+_unwakeable_warned = False
+_unwakeable_lock = threading.Lock()
+
 # How long an interrupted caller waits for the cancelled call's clean-up, then again after a second cancel.
 STOP_GRACE_SECONDS = 20.0
 
@@ -81,12 +90,35 @@ def _wake(loop_of_call: dict[str, Any], returned: threading.Event) -> None:
     that comes just before the thread sleeps in a lock's wait (asgiref's ``run_until_future`` waits without a
     timeout) does not interrupt that wait: the handler never ran, and the caller waited for the call for ever (one
     call in a few hundred in a loop here, 7 December 2026). Woken, the wait finds no work and waits again, running
-    the pending handler on the way. Only the main thread gets signals' handlers, so only its calls start this."""
+    the pending handler on the way. Only the main thread gets signals' handlers, so only its calls start this; and
+    only while asgiref's executor has the condition it waits on (``_wakeable``)."""
     while not returned.wait(WAKE_SECONDS):
         executor: CurrentThreadExecutor | None = loop_of_call.get("executor")
         if executor is not None:
-            with executor._work_ready:  # asgiref's condition its run_until_future waits on
-                executor._work_ready.notify_all()
+            condition = _wakeable(executor)
+            if condition is None:
+                return
+            with condition:
+                condition.notify_all()
+
+
+def _wakeable(executor: CurrentThreadExecutor) -> threading.Condition | None:
+    """The condition ``executor``'s ``run_until_future`` waits on (``_WAIT_CONDITION``); None, with a warning the
+    process's first time, when this asgiref has none by that name: a soft limit may then be raised late, or not until
+    the hard limit, as before the waking."""
+    global _unwakeable_warned
+    condition = getattr(executor, _WAIT_CONDITION, None)
+    if isinstance(condition, threading.Condition):
+        return condition
+    with _unwakeable_lock:
+        warned, _unwakeable_warned = _unwakeable_warned, True
+    if not warned:
+        logger.warning(
+            "run_async: asgiref's CurrentThreadExecutor has no %s condition to wake; a task's soft time limit may be "
+            "raised late, or only at the hard limit, while it waits for a coroutine (core/async_bridge.py)",
+            _WAIT_CONDITION,
+        )
+    return None
 
 
 async def _until_all_ended(ended: concurrent.futures.Future[None]) -> None:

@@ -11,6 +11,7 @@ import sys
 import threading
 
 import pytest
+from asgiref.current_thread_executor import CurrentThreadExecutor
 from asgiref.sync import AsyncToSync, sync_to_async
 from billiard.pool import soft_timeout_sighandler
 from celery.exceptions import SoftTimeLimitExceeded
@@ -201,3 +202,30 @@ def test_a_soft_limit_whose_signal_another_thread_received_still_interrupts_the_
         signal.signal(signal.SIGUSR1, previous)
 
     assert watchdog_woke == [], "the soft limit's handler ran only when the watchdog signalled the main thread"
+
+
+def test_an_asgiref_without_the_condition_its_wait_sleeps_on_leaves_the_wait_unwoken_with_one_warning(
+    monkeypatch, caplog
+):
+    """asgiref (3.13) has no public way to wake ``run_until_future``, so ``_wake`` notifies its private condition
+    (``_work_ready``). An asgiref without it (an upgrade that renamed it): the waker stops, saying once that a soft
+    limit may be late, rather than die of an AttributeError in its thread at every call; the calls still return.
+    Before, ``_wake`` raised that AttributeError."""
+    monkeypatch.setattr(async_bridge, "WAKE_SECONDS", 0.001)
+    monkeypatch.setattr(async_bridge, "_unwakeable_warned", False)
+    executor = CurrentThreadExecutor(None)
+    monkeypatch.delattr(executor, "_work_ready")
+    returned = threading.Event()
+    with caplog.at_level(logging.WARNING, logger="core.async_bridge"):
+        async_bridge._wake({"executor": executor}, returned)  # returns: nothing to wake
+        async_bridge._wake({"executor": executor}, returned)
+        monkeypatch.setattr(async_bridge, "_WAIT_CONDITION", "_work_ready_renamed")
+
+        async def slow_add(a: int, b: int) -> int:
+            await asyncio.sleep(0.05)  # a few of the waker's turns
+            return a + b
+
+        assert run_async(slow_add, 2, b=3) == 5
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "soft time limit may be raised late" in record.getMessage()
