@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from billing.services.keys import api_key_create
-from providers.models import ProviderKind
+from providers.models import ModelMode, Provider, ProviderKind
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
 # A conversation in which the model had refused: OpenAI's spec types an assistant message's parts as text or
@@ -95,3 +95,23 @@ def gateway(llmhub_server, fake_upstream) -> Gateway:
     return Gateway(
         url=llmhub_server.url, key=created.secret, user=user, api_key=created.api_key, upstream=fake_upstream
     )
+
+
+# What ``embedder``'s model costs per million input tokens.
+EMBEDDING_INPUT_PRICE = Decimal("0.02")
+
+
+@pytest.fixture
+def embedder(gateway) -> Gateway:
+    """``embed-test``: an embedding model on the OpenAI-protocol provider, ``EMBEDDING_INPUT_PRICE`` per million input
+    tokens."""
+    ModelFactory(
+        name="embed-test",
+        provider=Provider.objects.get(name="fake-openai"),
+        upstream_id="fake-embedding-small",
+        mode=ModelMode.EMBEDDING,
+        input_per_mtok=EMBEDDING_INPUT_PRICE,
+        output_per_mtok=Decimal(0),
+        context_window=8192,
+    )
+    return gateway

@@ -24,28 +24,14 @@ from providers.models import CatalogModel, Deployment, ModelMode, Provider, Prov
 from providers.tokens import prompt_token_bounds, prompt_tokens
 from tests.chat.conftest import ends, events_until, open_socket
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
+from tests.gateway.conftest import EMBEDDING_INPUT_PRICE
 from tests.shared_redis import use_redis  # noqa: F401  (a fixture)
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MILLION = Decimal(1_000_000)
-INPUT_PRICE = Decimal("0.02")
-
-
-@pytest.fixture
-def embedder(gateway):
-    """``embed-test``: an embedding model on the OpenAI-protocol provider, $0.02 per million input tokens."""
-    ModelFactory(
-        name="embed-test",
-        provider=Provider.objects.get(name="fake-openai"),
-        upstream_id="fake-embedding-small",
-        mode=ModelMode.EMBEDDING,
-        input_per_mtok=INPUT_PRICE,
-        output_per_mtok=Decimal(0),
-        context_window=8192,
-    )
-    return gateway
+INPUT_PRICE = EMBEDDING_INPUT_PRICE
 
 
 @pytest.fixture

@@ -20,9 +20,8 @@ import pytest
 from billing.models import UsageRecord, UsageStatus
 from llmhub.testing.fake_upstream import raw_directive
 from llmhub.testing.openapi import validate_openai_schema
-from providers.models import ModelMode, Provider
 from providers.tokens import text_tokens
-from tests.factories import ModelFactory
+from tests.gateway.chat_streams import WEATHER_TOOL, assert_valid_stream, chat_stream, tool_call_pieces
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -86,37 +85,10 @@ def ask(text: str, **extra: Any) -> dict[str, Any]:
 
 
 def streamed(gateway, body_bytes: bytes) -> tuple[list[Any], bool, UsageRecord]:
-    """Stream through llmhub: the events the client got (decoded), whether it ended with ``[DONE]``, the row."""
-    body = ask("hi " + raw_directive(body_bytes), stream=True, stream_options={"include_usage": True})
-    with httpx.stream(
-        "POST",
-        gateway.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {gateway.key}"},
-        timeout=20,
-    ) as response:
-        assert response.status_code == 200, response.read()
-        raw = response.read()  # a connection dropped mid-stream raises here
-        request_id = response.headers["x-request-id"]
-    blocks = [block for block in raw.split(b"\n\n") if block]
-    assert all(block.startswith(b"data: ") for block in blocks), raw
-    payloads = [block.removeprefix(b"data: ") for block in blocks]
-    done = payloads[-1] == b"[DONE]"
-    events = [json.loads(payload) for payload in payloads if payload != b"[DONE]"]
-    return events, done, wait_for_record(request_id)
-
-
-def assert_valid_stream(events: list[Any], done: bool) -> None:
-    """Either every chunk valid and a clean end, or valid chunks and then one error event, with no ``[DONE]``."""
-    errors = [event for event in events if "error" in event]
-    if done:
-        assert errors == []
-    else:
-        assert len(errors) == 1 and events[-1] is errors[0], events
-        assert set(errors[0]["error"]) == {"message", "type", "param", "code"}
-    for event in events:
-        if "error" not in event:
-            validate_openai_schema(event, "CreateChatCompletionStreamResponse")
+    """Stream ``body_bytes`` through llmhub: the events the client got (decoded), whether it ended with ``[DONE]``,
+    the row."""
+    stream = chat_stream(gateway, "hi " + raw_directive(body_bytes), stream_options={"include_usage": True})
+    return stream.chunks, stream.done, wait_for_record(stream.request_id)
 
 
 def assert_sane_row(record: UsageRecord) -> None:
@@ -310,9 +282,7 @@ def test_a_tool_calls_arguments_sent_as_json_are_relayed_as_their_text(gateway, 
     events, done, record = streamed(gateway, body)
     assert done
     assert_valid_stream(events, done)
-    pieces = [
-        call for event in events if event["choices"] for call in event["choices"][0]["delta"].get("tool_calls") or ()
-    ]
+    pieces = tool_call_pieces(events)
     assert "".join(piece["function"].get("arguments", "") for piece in pieces) == text
     assert record.status == UsageStatus.OK
 
@@ -625,14 +595,7 @@ def test_a_number_json_has_not_is_relayed_as_one_json_has(gateway):
     odd = chunk({"content": " world"})
     odd["choices"][0]["logprobs"] = {"content": [{"token": " world", "logprob": 0, "bytes": [32], "top_logprobs": []}]}
     spelt = json.dumps(odd).encode().replace(b'"logprob": 0', b'"logprob": NaN')
-    with httpx.stream(
-        "POST",
-        gateway.url + "/v1/chat/completions",
-        json=ask("hi " + raw_directive(stream_around(b"data: " + spelt + b"\n\n")), stream=True),
-        headers={"Authorization": f"Bearer {gateway.key}"},
-        timeout=20,
-    ) as streamed_response:
-        raw = streamed_response.read()
+    raw = chat_stream(gateway, "hi " + raw_directive(stream_around(b"data: " + spelt + b"\n\n"))).raw
     events = [_strict(block[6:]) for block in raw.split(b"\n\n") if block.startswith(b"data: {")]
     assert [e["choices"][0]["logprobs"] for e in events if e["choices"] and "logprobs" in e["choices"][0]] == [
         {"content": [{"token": " world", "logprob": None, "bytes": [32], "top_logprobs": []}]}
@@ -807,14 +770,6 @@ def test_a_tool_calls_id_or_type_that_is_not_text_is_its_own(gateway, odd):
 
 # A stream request answered with one whole reply ---------------------------------------------------------------------
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
 
 def sdk_streamed(gateway, text: str, **extra: Any) -> tuple[list[dict[str, Any]], list[Any], UsageRecord]:
     """Stream through the openai SDK: each chunk's JSON as the client got it (to ``[DONE]``, which must come), the
@@ -905,21 +860,6 @@ def test_a_stream_answered_with_json_that_is_no_completion_is_a_malformed_reply(
 
 
 # Embeddings ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def embedder(gateway):
-    """``embed-test``: an embedding model on the OpenAI-protocol provider."""
-    ModelFactory(
-        name="embed-test",
-        provider=Provider.objects.get(name="fake-openai"),
-        upstream_id="fake-embedding-small",
-        mode=ModelMode.EMBEDDING,
-        input_per_mtok=Decimal("0.02"),
-        output_per_mtok=Decimal(0),
-        context_window=8192,
-    )
-    return gateway
 
 
 def embeddings(**changes: Any) -> dict[str, Any]:

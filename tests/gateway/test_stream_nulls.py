@@ -14,48 +14,23 @@ import httpx
 import pytest
 
 from billing.models import UsageStatus
-from llmhub.testing.openapi import validate_openai_schema
+from tests.gateway.chat_streams import WEATHER_TOOL, assert_valid_stream, chat_stream, tool_call_pieces
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 NULLS = "[[nulls=role,tool_calls,function_call]]"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
-
-def chat_stream(gateway, content: str, **extra: Any) -> tuple[list[dict[str, Any]], list[bytes], str]:
-    """The chunks a client of /v1/chat/completions got (decoded), the upstream's own lines (to see that it said the
-    nulls), and the request's id; the stream must end with ``[DONE]``."""
-    body = {"model": "gpt-test", "messages": [{"role": "user", "content": content}], "stream": True, **extra}
-    with httpx.stream(
-        "POST",
-        gateway.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {gateway.key}"},
-        timeout=20,
-    ) as response:
-        assert response.status_code == 200, response.read()
-        raw = response.read()
-        request_id = response.headers["x-request-id"]
-    payloads = [block.removeprefix(b"data: ") for block in raw.split(b"\n\n") if block]
-    assert payloads[-1] == b"[DONE]", raw
-    return [json.loads(payload) for payload in payloads[:-1]], payloads[:-1], request_id
 
 
 def test_a_text_stream_whose_deltas_say_null_for_none_is_relayed_of_openais_schema(gateway):
     """Before, every chunk was relayed with its nulls (the first decoded one taken as valid, the rest read from it
     without a decode), which OpenAI's schema types as a role, an array and an object: a typed client failed on the
     stream's first chunk."""
-    chunks, lines, request_id = chat_stream(gateway, f"[[words=12]] {NULLS}", stream_options={"include_usage": True})
-    for chunk in chunks:
-        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
-    assert all(b'"tool_calls":null' not in line and b'"tool_calls": null' not in line for line in lines)
+    stream = chat_stream(gateway, f"[[words=12]] {NULLS}", stream_options={"include_usage": True})
+    chunks, request_id = stream.chunks, stream.request_id
+    assert stream.done, stream.raw
+    assert_valid_stream(chunks, done=True)
+    assert all(b'"tool_calls":null' not in line and b'"tool_calls": null' not in line for line in stream.payloads)
     text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
     assert len(text.split()) == 12
     record = wait_for_record(request_id)
@@ -73,14 +48,14 @@ def test_a_text_stream_whose_deltas_say_null_for_none_is_relayed_of_openais_sche
 
 
 def test_a_tool_call_stream_whose_deltas_say_null_for_none_relays_the_one_call(gateway):
-    chunks, _, request_id = chat_stream(gateway, f"Paris {NULLS}", tools=[WEATHER])
-    for chunk in chunks:
-        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
-    pieces = [call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls") or ()]
+    stream = chat_stream(gateway, f"Paris {NULLS}", tools=[WEATHER_TOOL])
+    assert stream.done, stream.raw
+    assert_valid_stream(stream.chunks, done=True)
+    pieces = tool_call_pieces(stream.chunks)
     assert {piece["index"] for piece in pieces} == {0}
     assert [piece["function"]["name"] for piece in pieces if piece["function"].get("name")] == ["get_weather"]
     assert json.loads("".join(piece["function"].get("arguments") or "" for piece in pieces)) == {"city": "Paris"}
-    assert wait_for_record(request_id).status == UsageStatus.OK
+    assert wait_for_record(stream.request_id).status == UsageStatus.OK
 
 
 @pytest.mark.parametrize("tools", [False, True], ids=["text", "tool call"])
@@ -88,7 +63,7 @@ def test_the_messages_translation_of_such_a_stream_makes_no_call_of_a_null(gatew
     sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
     request: dict[str, Any] = {"model": "gpt-test", "max_tokens": 100}
     if tools:
-        request["tools"] = [{"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}]
+        request["tools"] = [{"name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}]
     with sdk.messages.stream(**request, messages=[{"role": "user", "content": f"Paris {NULLS}"}]) as stream:
         message = stream.get_final_message()
     calls = [block for block in message.content if block.type == "tool_use"]
@@ -104,7 +79,7 @@ def test_the_messages_translation_of_such_a_stream_makes_no_call_of_a_null(gatew
 def test_the_responses_translation_of_such_a_stream_makes_no_call_of_a_null(gateway, tools):
     extra: dict[str, Any] = {}
     if tools:
-        tool = {"type": "function", "name": "get_weather", **WEATHER["function"]}
+        tool = {"type": "function", "name": "get_weather", **WEATHER_TOOL["function"]}
         extra = {"tools": [tool], "tool_choice": "required"}
     with gateway.client().responses.create(model="gpt-test", input=f"Paris {NULLS}", stream=True, **extra) as stream:
         events = list(stream)
@@ -124,14 +99,12 @@ def test_several_streamed_calls_numbered_by_none_each_keep_their_arguments(gatew
     of the next argument pieces (8311dbe), which were then relayed with its call's index: the last call's arguments
     were joined to the one before (its own came out empty), here and on /v1/messages."""
     content = f"Paris [[tool_calls=3]] [[omit=tool_calls.index]] {nulls}"
-    chunks, _, request_id = chat_stream(gateway, content, tools=[WEATHER])
-    for chunk in chunks:
-        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
-    pieces = [
-        call for chunk in chunks if chunk["choices"] for call in chunk["choices"][0]["delta"].get("tool_calls") or ()
-    ]
+    stream = chat_stream(gateway, content, tools=[WEATHER_TOOL])
+    assert stream.done, stream.raw
+    assert_valid_stream(stream.chunks, done=True)
+    pieces = tool_call_pieces(stream.chunks)
     for index in range(3):
         arguments = "".join(piece["function"].get("arguments") or "" for piece in pieces if piece["index"] == index)
         assert json.loads(arguments) == {"city": "Paris"}, index
     assert {piece["index"] for piece in pieces} == {0, 1, 2}
-    assert wait_for_record(request_id).status == UsageStatus.OK
+    assert wait_for_record(stream.request_id).status == UsageStatus.OK

@@ -14,6 +14,7 @@ import pytest
 
 from billing.models import UsageStatus
 from llmhub.testing.openapi import validate_openai_schema
+from tests.gateway.chat_streams import assert_valid_stream, chat_stream, tool_call_pieces
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -74,30 +75,15 @@ def test_a_legacy_function_call_with_object_arguments_is_answered_with_their_tex
 
 def test_a_streamed_call_whose_arguments_come_as_one_object_is_relayed_as_their_text(gateway):
     """Before: the stream ended in band with upstream_stream_interrupted at the object."""
-    body = {
-        "model": "gpt-test",
-        "messages": [{"role": "user", "content": f"{CITY} {OBJECT}"}],
-        "tools": [TOOL],
-        "stream": True,
-    }
-    with httpx.stream(
-        "POST", gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {gateway.key}"}
-    ) as response:
-        assert response.status_code == 200, response.read()
-        raw = response.read()
-        request_id = response.headers["x-request-id"]
-    payloads = [block.removeprefix(b"data: ") for block in raw.split(b"\n\n") if block]
-    assert payloads[-1] == b"[DONE]", raw
-    chunks = [json.loads(payload) for payload in payloads[:-1]]
-    for chunk in chunks:
-        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
-    pieces = [
-        call for chunk in chunks if chunk["choices"] for call in chunk["choices"][0]["delta"].get("tool_calls") or ()
-    ]
+    stream = chat_stream(gateway, f"{CITY} {OBJECT}", tools=[TOOL])
+    assert stream.done, stream.raw
+    chunks = stream.chunks
+    assert_valid_stream(chunks, done=True)
+    pieces = tool_call_pieces(chunks)
     assert {piece["index"] for piece in pieces} == {0}
     assert json.loads("".join(piece["function"].get("arguments") or "" for piece in pieces)) == ARGUMENTS
     assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]] == ["tool_calls"]
-    assert wait_for_record(request_id).status == UsageStatus.OK
+    assert wait_for_record(stream.request_id).status == UsageStatus.OK
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
