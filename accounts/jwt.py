@@ -169,12 +169,16 @@ class JwksCache:
                 raise JwtRefused("The identity provider's signing keys could not be fetched; try again.")
             return
         client_for, refused = _outbound
+        allowed = settings.LLMHUB_JWT_JWKS_TIMEOUT_SECONDS
         try:
-            async with client_for(url=url, timeout=settings.LLMHUB_JWT_JWKS_TIMEOUT_SECONDS) as client:
+            # The client's timeout bounds each step (connect, each read); this one the whole fetch, which every
+            # request with a token waits for while the keys are stale or its kid unknown: an identity provider
+            # trickling its answer a byte at a time would otherwise hold them all as long as it liked.
+            async with asyncio.timeout(allowed), client_for(url=url, timeout=allowed) as client:
                 response = await client.get(url, headers={"Accept": "application/json"})
                 response.raise_for_status()
                 keys = jwt.PyJWKSet.from_dict(response.json()).keys
-        except (httpx.HTTPError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError, *refused) as exc:
+        except (TimeoutError, httpx.HTTPError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError, *refused) as exc:
             # A refusal by the policy says which host and address (never a credential): the operator's clue.
             detail = str(exc) if isinstance(exc, refused) else ""
             logger.warning("could not fetch the JWKS from %s: %s %s", url, type(exc).__name__, detail)
