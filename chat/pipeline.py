@@ -1686,9 +1686,14 @@ class CompletionRun:
         served = self.answered_by
         return served.stream_idle_timeout or settings.LLMHUB_STREAM_IDLE_TIMEOUT_SECONDS
 
-    async def _relay(self, first: Any, upstream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def _relay(
+        self, first: Any, upstream: AsyncIterator[Any], *, keepalive: Callable[[Any], bool] | None = None
+    ) -> AsyncIterator[Any]:
         """The chunks of an opened stream: ``first`` (already received), then the rest, each within the idle
-        timeout. A stall, like a cut, ends the stream with ``ProviderStreamInterruptedError``.
+        timeout. A stall, like a cut, ends the stream with ``ProviderStreamInterruptedError``. An item
+        ``keepalive`` says is one (Claude's ``ping``) is relayed but is no progress: the upstream's waits before it
+        and after it count as one, so an upstream that only pings is a stall (until 7 December each ping reset the
+        timeout of a ``/v1/messages`` stream, which was held open for as long as its upstream pinged).
 
         The idle timeout is one watchdog per stream (``_IdleWatch``), not an ``asyncio.timeout`` per chunk:
         that armed and cancelled a timer (a heap entry) for every chunk, the relay's largest cost after the
@@ -1698,10 +1703,11 @@ class CompletionRun:
         idle = self._idle_timeout()
         watch = _IdleWatch(idle)
         step = upstream.__anext__
+        owed = 0.0  # the upstream's waits since its last item that was not a keep-alive
         try:
             while True:
                 # The wait for the next chunk begins: time the client took to read the last one is not counted.
-                watch.last = watch.loop.time()
+                watch.last = watch.loop.time() - owed
                 watch.waiting = True
                 try:
                     item = await step()
@@ -1716,6 +1722,7 @@ class CompletionRun:
                         provider=name,
                     ) from None
                 watch.waiting = False
+                owed = watch.loop.time() - watch.last if keepalive is not None and keepalive(item) else 0.0
                 yield item
         finally:
             watch.close()
@@ -2216,7 +2223,7 @@ class CompletionRun:
                 public_name = self.answered_by.name
                 failed: set[int] = set()
                 while True:
-                    events = self._relay(first, upstream)
+                    events = self._relay(first, upstream, keepalive=_is_ping)
                     if guard is not None:
                         # The output check, as for chat streams; the last check before ``message_stop``.
                         events = guard.relay(events, _event_pieces, last=_is_message_stop, arrived=arrived)
@@ -2485,6 +2492,11 @@ def _event_pieces(event: WireEvent) -> list[tuple[int, str, int | None]]:
 
 def _is_message_stop(event: WireEvent) -> bool:
     return event.get("type") == "message_stop"
+
+
+def _is_ping(event: WireEvent) -> bool:
+    """Claude's keep-alive: it says the connection is up, not that the message goes on (``_relay``)."""
+    return event.get("type") == "ping"
 
 
 # The call a legacy ``function_call``'s arguments are fed as (tool calls are numbered from 0).
