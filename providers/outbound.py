@@ -34,6 +34,7 @@ import functools
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -322,9 +323,38 @@ class _DeadlineStream(httpcore2.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
+def _resolved_sync(host: str, port: int, wait: float | None) -> list[IPAddress]:
+    """``resolver.resolve_sync(host, port)``, waited for at most ``wait`` seconds (``None``: as long as it takes).
+    ``getaddrinfo`` cannot be interrupted: the lookup runs in a daemon thread of its own, left to end on its own
+    (the resolver's timeouts) when it takes longer, so that the caller's bound holds, as the asynchronous guard's
+    ``anyio.fail_after`` does. Past ``wait``, httpcore's ``ConnectTimeout``."""
+    if wait is None:
+        return resolver.resolve_sync(host, port)
+    if wait <= 0:
+        raise httpcore2.ConnectTimeout(f"the request's deadline passed before {host} was resolved")
+    outcome: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            outcome.append(resolver.resolve_sync(host, port))
+        except BaseException as exc:  # handed to the caller, who raises it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    thread.start()
+    thread.join(wait)
+    if not outcome:
+        raise httpcore2.ConnectTimeout(f"resolving {host} timed out")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 class GuardedSyncNetworkBackend(httpcore2.NetworkBackend):
     """The same guard for synchronous clients (Celery tasks); with a ``deadline`` (``time.monotonic()``), every
-    connection it opens ends by then (``_DeadlineStream``). The name's resolution is not bounded by it."""
+    connection it opens ends by then (``_DeadlineStream``). The name's lookup is bounded by the connect timeout and
+    the deadline alike (``_resolved_sync``): until 7 December it was bounded by neither, and a webhook host whose DNS
+    did not answer held the worker past its deadline for as long as the resolver's own timeouts ran."""
 
     def __init__(self, *, deadline: float | None = None) -> None:
         self._backend = httpcore2.SyncBackend()
@@ -340,8 +370,12 @@ class GuardedSyncNetworkBackend(httpcore2.NetworkBackend):
     ) -> httpcore2.NetworkStream:
         addresses = _literal_or_blocked(host)
         if addresses is None:
+            wait = timeout
+            if self._deadline is not None:
+                left = self._deadline - time.monotonic()
+                wait = left if wait is None else min(wait, left)
             try:
-                found = resolver.resolve_sync(host, port)
+                found = _resolved_sync(host, port, wait)
             except OSError as exc:
                 raise httpcore2.ConnectError(f"{host} could not be resolved ({exc})") from None
             addresses = check_addresses(host, found)
