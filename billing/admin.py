@@ -215,12 +215,15 @@ class ApiKeyAdmin(UserSearch, BoundedDeleteConfirmation, admin.ModelAdmin):
         # has no inlines.
         return
 
-    @admin.action(description="Revoke selected keys")
+    @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         revoked = api_keys_revoke(api_key_ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Revoked {revoked} key(s).", messages.SUCCESS)
 
-    @admin.action(description="Rotate selected keys (new secrets; the old ones work for the default grace period)")
+    @admin.action(
+        description="Rotate selected keys (new secrets; the old ones work for the default grace period)",
+        permissions=["change"],
+    )
     def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         rotated, skipped = api_keys_rotate(api_key_ids=queryset.values_list("pk", flat=True))
         for key, was in rotated:

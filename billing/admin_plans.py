@@ -79,7 +79,7 @@ class UserPlanAdmin(UserSearch, admin.ModelAdmin):
         ),
     )
 
-    @admin.action(description="Clear the selected users' own limits (use their plan's)")
+    @admin.action(description="Clear the selected users' own limits (use their plan's)", permissions=["change"])
     def clear_overrides(self, request: HttpRequest, queryset: QuerySet[UserPlan]) -> None:
         user_plans_overrides_clear(user_plan_ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Cleared the own limits of {queryset.count()} user(s).", messages.SUCCESS)

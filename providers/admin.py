@@ -186,7 +186,7 @@ class ProviderAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
             timesince(obj.last_health_at),
         )
 
-    @admin.action(description="Test connection")
+    @admin.action(description="Test connection", permissions=["change"])
     def test_connection(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         providers = list(queryset)
         for provider, outcome in zip(providers, providers_health_check(providers=providers), strict=True):
@@ -201,7 +201,7 @@ class ProviderAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
                 logger.error("health check of provider %s could not run", provider.name, exc_info=outcome)
                 self.message_user(request, f"{provider}: check could not run: {_failure_text(outcome)}", messages.ERROR)
 
-    @admin.action(description="Import models")
+    @admin.action(description="Import models", permissions=["change"])
     def import_models(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         for provider in queryset:
             try:

@@ -234,14 +234,14 @@ class DeploymentAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
         names = ", ".join(str(deployment) for deployment in deployments)
         self.message_user(request, f"{done}: {names}.", messages.SUCCESS)
 
-    @admin.action(description="Force breaker open (no traffic)")
+    @admin.action(description="Force breaker open (no traffic)", permissions=["change"])
     def force_breaker_open(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
         self._override(request, queryset, BreakerOverride.OPEN, "Breaker forced open")
 
-    @admin.action(description="Force breaker closed (always a candidate)")
+    @admin.action(description="Force breaker closed (always a candidate)", permissions=["change"])
     def force_breaker_closed(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
         self._override(request, queryset, BreakerOverride.CLOSED, "Breaker forced closed")
 
-    @admin.action(description="Clear override and reset breaker")
+    @admin.action(description="Clear override and reset breaker", permissions=["change"])
     def clear_breaker_override(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
         self._override(request, queryset, BreakerOverride.NONE, "Override cleared and breaker reset")
