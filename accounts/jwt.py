@@ -26,6 +26,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from core.cache import _MISSING, TTLCache
+from core.text import url_shown
 
 from .exceptions import JwtRefused
 from .roles import Role
@@ -164,7 +165,7 @@ class JwksCache:
     async def _fetch(self, url: str) -> None:
         self.fetches += 1
         if _outbound is None:  # no outbound policy plugged in (see jwks_outbound_use): never a bare client
-            logger.error("could not fetch the JWKS from %s: no outbound policy is installed", url)
+            logger.error("could not fetch the JWKS from %s: no outbound policy is installed", url_shown(url))
             if not self._keys:
                 raise JwtRefused("The identity provider's signing keys could not be fetched; try again.")
             return
@@ -181,7 +182,8 @@ class JwksCache:
         except (TimeoutError, httpx.HTTPError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError, *refused) as exc:
             # A refusal by the policy says which host and address (never a credential): the operator's clue.
             detail = str(exc) if isinstance(exc, refused) else ""
-            logger.warning("could not fetch the JWKS from %s: %s %s", url, type(exc).__name__, detail)
+            # The URL without its userinfo and query: an identity provider's key set behind basic auth or a token.
+            logger.warning("could not fetch the JWKS from %s: %s %s", url_shown(url), type(exc).__name__, detail)
             if not self._keys:
                 raise JwtRefused("The identity provider's signing keys could not be fetched; try again.") from None
             return

@@ -7,6 +7,7 @@ this one function before such text goes further."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 def has_lone_surrogate(text: str) -> bool:
@@ -50,3 +51,18 @@ def json_storable(value: Any) -> Any:
     if isinstance(value, list):
         return [json_storable(item) for item in value]
     return value
+
+
+def url_shown(url: str) -> str:
+    """``url`` as a log line or a message may quote it: scheme, host, port and path, without the credentials of its
+    userinfo (``https://user:password@host``, which httpx sends as basic auth), its query (where a token often goes)
+    or its fragment. An operator's configured URL is a secret in those parts; the host and path are their clue."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "(a malformed URL)"
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return urlunsplit((parts.scheme, host + (f":{port}" if port else ""), parts.path, "", ""))
