@@ -8,11 +8,13 @@ from pathlib import Path
 import django
 from django.apps import apps
 
-from llmhub.logging import drop_query_strings_from_server_logs
+from llmhub.logging import drop_query_strings_from_server_logs, websocket_debug_redact
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
 # The server's access log would otherwise keep a key a client put in a query string (llmhub/logging.py).
 drop_query_strings_from_server_logs()
+# Its DEBUG lines would otherwise keep a chat socket's session cookie and the key of its auth message.
+websocket_debug_redact()
 
 # Django must be set up before anything imports models (the WebSocket routing does). What follows is
 # django.core.asgi.get_asgi_application with llmhub's handler (llmhub/handlers.py). A server imports this module

@@ -65,6 +65,40 @@ def drop_query_strings_from_server_logs() -> None:
             logger.addFilter(DropQueryStrings())
 
 
+# websockets' DEBUG lines: uvicorn hands its socket protocol ``uvicorn.error`` (the library's own default is
+# ``websockets.server``), which then prints every frame's text and every handshake header.
+WEBSOCKET_LOGGERS = ("uvicorn.error", "websockets.server")
+# Handshake headers that carry a credential: the browser's session cookie, a bearer key or token.
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "set-cookie", "x-api-key"})
+
+
+class WebSocketDebugRedacted(logging.Filter):
+    """A chat socket's auth message carries a gateway key or a JWT, its handshake the session cookie: websockets'
+    DEBUG lines print a frame's text (its first 50 and last 25 characters) and every header. A frame becomes its
+    type and length, a credential header's value ``[redacted]``; the lines stay, an operator's trace of the socket."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args, message = record.args, record.msg
+        if not isinstance(args, tuple) or message not in ("< %s", "> %s", "< %s: %s", "> %s: %s"):
+            return True
+        if len(args) == 1 and hasattr(args[0], "opcode") and hasattr(args[0], "data"):
+            frame = args[0]
+            if frame.opcode.name in ("TEXT", "BINARY", "CONT"):
+                record.args = (f"{frame.opcode.name} [{len(frame.data)} bytes]",)
+        elif len(args) == 2 and str(args[0]).lower() in CREDENTIAL_HEADERS:
+            record.args = (args[0], "[redacted]")
+        return True
+
+
+def websocket_debug_redact() -> None:
+    """Install ``WebSocketDebugRedacted`` on the loggers websockets writes to (once, however often it is called);
+    like ``drop_query_strings_from_server_logs``, when the application is imported, after uvicorn's logging."""
+    for name in WEBSOCKET_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, WebSocketDebugRedacted) for existing in logger.filters):
+            logger.addFilter(WebSocketDebugRedacted())
+
+
 # The official SDKs' loggers of the requests they send and the responses they get (the openai one writes no
 # headers today; it is built by the same generator, so it gets the same filter).
 SDK_LOGGERS = ("anthropic._base_client", "openai._base_client")
