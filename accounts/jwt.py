@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -42,8 +42,10 @@ _SYMMETRIC = ("HS256", "HS384", "HS512")
 
 @dataclass(frozen=True, slots=True)
 class JwtConfig:
-    jwks_url: str
-    hs256_secret: str
+    # Neither in a repr (a traceback's locals, a debugger's print): the shared secret signs a token as anyone, and a
+    # key set behind basic auth has its password in the URL (a failed fetch logs it as ``url_shown`` does).
+    jwks_url: str = field(repr=False)
+    hs256_secret: str = field(repr=False)
     issuer: str
     audience: str
     algorithms: tuple[str, ...]
