@@ -50,7 +50,7 @@ from core.text import text_quoted, text_storable
 from core.tracing import TraceStart, trace_attempt_begin, trace_attempt_end, trace_begin
 from experiments.assignment import Assignment, assignment_unit, experiment_assign
 from experiments.overrides import overrides_for_messages
-from providers.adapters import adapter_class_for_kind, adapter_for
+from providers.adapters import adapter_class_for_kind, adapter_for, sends_service_tier
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.common import BatchesAnswered
 from providers.adapters.translate_anthropic import openai_usage, reasoning_text, thinking_requested
@@ -868,7 +868,11 @@ def _body_as_sent(
 
 def _asked_tier(body: dict[str, Any], model: ResolvedModel) -> str:
     """The service tier a request asked of ``model`` (``service_tier``, as the model's parameter rules send it), what
-    it is charged at when no reply said one, and the dearest it may be charged at (``billing.pricing.billed_tier``)."""
+    it is charged at when no reply said one, and the dearest it may be charged at (``billing.pricing.billed_tier``).
+    Empty when its provider is sent no tier (``BaseAdapter.sends_service_tier``: an Azure api-version without the
+    field serves standard processing whatever was asked)."""
+    if not sends_service_tier(model.provider):
+        return ""
     tier = (apply_parameter_rules(body, model.parameter_rules) if model.parameter_rules else body).get("service_tier")
     return tier if isinstance(tier, str) else ""
 

@@ -371,6 +371,10 @@ OPENAI_MAX_TOKENS_REFUSED = frozenset({"fake-gpt-5"})
 # 2024-09-01-preview (its o-series and gpt-5 deployments take no other limit), and every later one, GA or preview,
 # has it. The v1 API's undated ``preview`` and ``latest`` are newer still.
 AZURE_MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"
+# A chat completion's ``service_tier`` came with 2025-10-01-preview (Azure's priority processing); an older
+# api-version refuses it as an argument it does not know. A deployment's own tier is ``[[project_tier=NAME]]``, as
+# OpenAI's project's.
+AZURE_SERVICE_TIER_SINCE = "2025-10-01"
 _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
@@ -1143,6 +1147,12 @@ def azure_takes_max_completion_tokens(api_version: str) -> bool:
     """Whether an Azure OpenAI api-version knows ``max_completion_tokens`` (``AZURE_MAX_COMPLETION_TOKENS_SINCE``)."""
     dated = re.match(r"\d{4}-\d{2}-\d{2}", api_version)
     return dated is None or dated.group() >= AZURE_MAX_COMPLETION_TOKENS_SINCE
+
+
+def azure_takes_service_tier(api_version: str) -> bool:
+    """Whether an Azure OpenAI api-version knows ``service_tier`` (``AZURE_SERVICE_TIER_SINCE``)."""
+    dated = re.match(r"\d{4}-\d{2}-\d{2}", api_version)
+    return dated is None or dated.group() >= AZURE_SERVICE_TIER_SINCE
 
 
 # What a chat completion with ``web_search_options`` cites, unless ``[[url_citation=URL]]`` names another.
@@ -2115,19 +2125,16 @@ class _App:
             body = request[_BODY_KEY]
             if deployment and isinstance(body, dict) and not body.get("model"):
                 body["model"] = deployment
-            if (
-                isinstance(body, dict)
-                and "max_completion_tokens" in body
-                and not azure_takes_max_completion_tokens(request.query["api-version"])
+            version = request.query["api-version"]
+            for name, known in (
+                ("max_completion_tokens", azure_takes_max_completion_tokens),
+                ("service_tier", azure_takes_service_tier),
             ):
-                # As Azure: the name came with 2024-09-01-preview; an older api-version does not know it.
-                return _openai_error(
-                    400,
-                    "Unrecognized request argument supplied: max_completion_tokens",
-                    "invalid_request_error",
-                    None,
-                    None,
-                )
+                if isinstance(body, dict) and name in body and not known(version):
+                    # As Azure: an api-version older than the field does not know it.
+                    return _openai_error(
+                        400, f"Unrecognized request argument supplied: {name}", "invalid_request_error", None, None
+                    )
             return await handler(request)
 
         return azure_handler

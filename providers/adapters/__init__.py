@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from .base import BaseAdapter
-from .registry import adapter_class_for_kind, adapter_for, counts_every_request_search, every_request_search_refusal
+from .registry import (
+    adapter_class_for_kind,
+    adapter_for,
+    counts_every_request_search,
+    every_request_search_refusal,
+    sends_service_tier,
+)
 
 __all__ = [
     "BaseAdapter",
@@ -11,4 +17,5 @@ __all__ = [
     "adapter_for",
     "counts_every_request_search",
     "every_request_search_refusal",
+    "sends_service_tier",
 ]

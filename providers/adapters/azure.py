@@ -11,11 +11,12 @@ list is the data plane's ``GET /openai/models``: the models the resource may dep
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import openai
 from django.core.exceptions import ImproperlyConfigured
 
-from ..types import ProviderConfig
+from ..types import ProviderConfig, ResolvedModel
 from .common import http_timeout, provider_http_client
 from .openai import OPENAI_STOP_MAX, OpenAIAdapter
 
@@ -30,26 +31,64 @@ _PLACEHOLDER_KEY = "not-configured"
 _MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"
 
 
+# The first api-version with a chat completion's ``service_tier`` (``auto``, ``default``, ``priority``: Azure's
+# priority processing, whose prerequisites name 2025-10-01-preview or later); an older one refuses the field
+# ("Unrecognized request argument supplied") and serves every request at standard processing.
+_SERVICE_TIER_SINCE = "2025-10-01"
+
+
+def _dated_since(api_version: str, since: str) -> bool:
+    """Whether ``api_version`` is ``since`` or later: a dated one (``2024-10-21``, ``2025-10-01-preview``) compared by
+    its date, or the v1 API's undated ``preview``/``latest``, newer than any dated one."""
+    dated = re.match(r"\d{4}-\d{2}-\d{2}", api_version.strip())
+    return dated is None or dated.group() >= since
+
+
 def takes_max_completion_tokens(api_version: str) -> bool:
     """Whether Azure OpenAI's ``api_version`` reads ``max_completion_tokens``: a dated one from 2024-09-01(-preview)
     on, or the v1 API's undated ``preview``/``latest``, newer than any dated one."""
-    dated = re.match(r"\d{4}-\d{2}-\d{2}", api_version.strip())
-    return dated is None or dated.group() >= _MAX_COMPLETION_TOKENS_SINCE
+    return _dated_since(api_version, _MAX_COMPLETION_TOKENS_SINCE)
+
+
+def takes_service_tier(api_version: str) -> bool:
+    """Whether Azure OpenAI's ``api_version`` reads a chat completion's ``service_tier`` (from 2025-10-01-preview on,
+    or the v1 API's undated ones)."""
+    return _dated_since(api_version, _SERVICE_TIER_SINCE)
 
 
 class AzureOpenAIAdapter(OpenAIAdapter):
     """Sends a chat reply's output limit as ``max_completion_tokens`` where the configured api-version has it
     (``takes_max_completion_tokens``), as OpenAI's own adapter does: its reasoning deployments (o-series, gpt-5) refuse
     ``max_tokens``, and every deployment reads the new name as the same limit. An older api-version, which refuses
-    ``max_completion_tokens``, gets the limit as ``max_tokens`` (a client's own ``max_completion_tokens`` too)."""
+    ``max_completion_tokens``, gets the limit as ``max_tokens`` (a client's own ``max_completion_tokens`` too).
+
+    A /v1/messages request's ``standard_only`` is sent as Azure's ``default`` tier (standard processing, whatever the
+    deployment's own tier: a deployment with priority processing on serves ``auto`` or none at priority). An
+    api-version older than 2025-10-01-preview knows no ``service_tier`` and has no priority processing: the field is
+    not sent to it (``prepare_request``), and its requests are served at standard processing."""
 
     serves_completions = False  # its deployments are chat deployments (/v1/completions: docs/completions.md)
     messages_stop_max = OPENAI_STOP_MAX
+    messages_standard_tier = "default"
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         takes_new_name = takes_max_completion_tokens(config.api_version)
         self.output_limit = "max_completion_tokens" if takes_new_name else "max_tokens"
+
+    @classmethod
+    def sends_service_tier(cls, config: ProviderConfig) -> bool:
+        """Only to an api-version that reads it (``takes_service_tier``)."""
+        return takes_service_tier(config.api_version)
+
+    def prepare_request(self, body: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+        """As the OpenAI adapter's, without ``service_tier`` for an api-version that does not read it (its 400
+        "Unrecognized request argument supplied"): a request to it is served at standard processing whatever it
+        asks, and charged so (``sends_service_tier``)."""
+        prepared = super().prepare_request(body, model)
+        if not self.sends_service_tier(self.config):
+            prepared.pop("service_tier", None)
+        return prepared
 
     def _sdk_client(self, config: ProviderConfig) -> openai.AsyncOpenAI:
         if not config.api_version:

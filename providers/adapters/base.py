@@ -73,6 +73,13 @@ class BaseAdapter(ABC):
 
     # Optional hooks -------------------------------------------------------------------------------
 
+    @classmethod
+    def sends_service_tier(cls, config: ProviderConfig) -> bool:
+        """Whether a request's ``service_tier`` is sent to the provider ``config`` (``prepare_request``): the tier a
+        request is charged at when no reply says one, and the dearest it may be charged at, is the one sent
+        (``chat.pipeline._asked_tier``). Default: yes; ``AzureOpenAIAdapter``: not on an api-version that refuses it."""
+        return True
+
     def prepare_request(self, body: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
         """Rewrite a client request for ``model``: its upstream id and its parameter rules, and an ``allowed_tools``
         choice narrowed for a provider that does not take it (``takes_allowed_tools``).

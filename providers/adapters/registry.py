@@ -74,6 +74,15 @@ def adapter_class_for_kind(kind: str) -> type[BaseAdapter]:
     return import_string(dotted)
 
 
+def sends_service_tier(config: ProviderConfig) -> bool:
+    """Whether a request's ``service_tier`` is sent to the provider ``config`` (``BaseAdapter.sends_service_tier``);
+    True for a kind no adapter is configured for, which serves nothing."""
+    try:
+        return adapter_class_for_kind(config.kind).sends_service_tier(config)
+    except ImproperlyConfigured:
+        return True
+
+
 def counts_every_request_search(kind: str) -> bool:
     """Whether the adapter of a provider of ``kind`` counts the search of a model that searches on every request
     (``BaseAdapter.counts_every_request_search``); False for a kind no adapter is configured for, which serves

@@ -15,7 +15,10 @@ from providers.models import Deployment, ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_cache_write_ledger import anthropic_client
 from tests.gateway.test_messages_api import refused_before_any_upstream_call
-from tests.gateway.test_tier_ledger import assert_charged
+from tests.gateway.test_tier_ledger import (
+    assert_charged,
+    on_azure,  # noqa: F401  (a fixture)
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -56,8 +59,10 @@ def message_usage(gateway, model: str, asked: str | None, project: str, stream: 
 
 
 def tier_sent(gateway) -> str | None:
-    """The ``service_tier`` the upstream's last chat completion was sent (None: none)."""
-    return [entry for entry in gateway.upstream.requests if entry["path"] == CHAT][-1]["body"].get("service_tier")
+    """The ``service_tier`` the upstream's last chat completion (OpenAI's path, or an Azure deployment's) was sent
+    (None: none)."""
+    chats = [entry for entry in gateway.upstream.requests if entry["path"].endswith(CHAT.removeprefix("/v1"))]
+    return chats[-1]["body"].get("service_tier")
 
 
 @pytest.mark.parametrize(
@@ -96,6 +101,34 @@ def test_a_server_of_other_tiers_is_sent_no_tier_for_standard_only(gateway, stre
 
     assert tier_sent(gateway) is None
     assert usage.service_tier == "priority"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.usefixtures("on_azure")
+def test_standard_only_asks_azure_for_its_standard_tier(gateway, stream):
+    """Azure's chat completions take ``service_tier`` (``auto``, ``default``, ``priority``) from 2025-10-01-preview on,
+    and a deployment with priority processing on serves a request asking none (``auto``) at priority. Anthropic's
+    ``standard_only`` was sent to Azure as no tier: such a deployment served it at priority, which Azure billed and the
+    row charged at the standard prices (the operator paying the difference), the client reading ``priority``. It is
+    sent as ``default``: served, said and charged standard."""
+    usage, request_id = message_usage(gateway, "gpt-azure", "standard_only", "priority", stream)
+
+    assert tier_sent(gateway) == "default"
+    assert usage.service_tier == "standard"
+    assert_charged(request_id, Decimal(1), "")
+
+
+@pytest.mark.parametrize("asked", ["standard_only", "auto"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.usefixtures("on_azure")
+def test_an_azure_api_version_without_service_tier_is_sent_none(gateway, asked, stream):
+    """An api-version older than 2025-10-01-preview knows no ``service_tier`` (Azure's 400 "Unrecognized request
+    argument supplied"): ``standard_only``, sent as ``default``, would have failed there; it is not sent, and the
+    reply is charged the standard prices."""
+    _, request_id = message_usage(gateway, "gpt-azure-old", asked, "default", stream)
+
+    assert tier_sent(gateway) is None
+    assert_charged(request_id, Decimal(1), "")
 
 
 @pytest.mark.parametrize("model", ["claude-test", "gpt-test", "gpt-openai"])

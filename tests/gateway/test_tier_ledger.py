@@ -15,7 +15,7 @@ import pytest
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
 from providers.models import CatalogModel, Deployment, ProviderKind
-from tests.factories import ProviderFactory
+from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_cache_write_ledger import anthropic_client
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
@@ -117,6 +117,41 @@ def test_a_responses_request_is_charged_at_the_tier_the_reply_says(priced, strea
         request_id, served = raw.headers["x-request-id"], raw.parse().service_tier
     assert served == "priority"
     assert_charged(request_id, Decimal(2), "priority")
+
+
+@pytest.fixture
+def on_azure(gateway):
+    """``gpt-azure`` on an Azure OpenAI resource whose api-version reads ``service_tier`` (2025-10-01-preview, Azure's
+    priority processing) and ``gpt-azure-old`` on one that does not (2024-10-21: the fake, as Azure, refuses the field
+    there), priced 1 and 2 a million tokens (``assert_charged``), priority × 2."""
+    for name, version in (("gpt-azure", "2025-10-01-preview"), ("gpt-azure-old", "2024-10-21")):
+        provider = ProviderFactory(
+            name=f"{name}-resource",
+            kind=ProviderKind.AZURE_OPENAI,
+            base_url=gateway.upstream.base_url,
+            api_version=version,
+        )
+        prices = {"input_per_mtok": Decimal(1), "output_per_mtok": Decimal(2), "cached_input_per_mtok": None}
+        ModelFactory(name=name, provider=provider, **prices)
+    Deployment.objects.filter(model__name__startswith="gpt-azure").update(priority_price_factor=Decimal(2))
+    return gateway
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tier_an_azure_api_version_does_not_take_is_not_sent_nor_charged(on_azure, stream):
+    """An Azure api-version older than 2025-10-01-preview knows no ``service_tier`` (Azure's 400 "Unrecognized request
+    argument supplied") and has no priority processing. A chat completion asking ``priority`` was sent it, for that
+    400 after admission; it is sent none, served at standard processing, and charged so, not at the priority factor
+    of the tier it asked, though its reply says no tier."""
+    body = {
+        "model": "gpt-azure-old",
+        "messages": [{"role": "user", "content": "one two three [[served_tier=none]]"}],
+        "service_tier": "priority",
+    }
+    request_id, served = chat_completion(on_azure, body, stream=stream)
+    assert served == {None}
+    assert on_azure.upstream.requests[-1]["body"].get("service_tier") is None
+    assert_charged(request_id, Decimal(1), "")
 
 
 def test_a_deployment_without_a_factor_charges_priority_at_its_standard_prices(priced):

@@ -616,6 +616,8 @@ def test_openais_api_and_azures_take_at_most_four_stop_strings(kind):
     ("kind", "standard"),
     [
         ("openai", "default"),  # OpenAI's standard processing, whatever the project's default tier
+        # Azure's, whatever the deployment's tier (an api-version without the field is sent none: prepare_request)
+        ("azure_openai", "default"),
         ("openai_compatible", None),  # a compatible server's tiers are its own (Groq's on_demand)
         ("vllm", None),
         ("mistral", None),  # Mistral refuses service_tier
