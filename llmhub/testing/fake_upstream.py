@@ -296,6 +296,7 @@ import array
 import asyncio
 import base64
 import contextlib
+import contextvars
 import copy
 import hashlib
 import json
@@ -375,6 +376,9 @@ AZURE_MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"
 # api-version refuses it as an argument it does not know. A deployment's own tier is ``[[project_tier=NAME]]``, as
 # OpenAI's project's.
 AZURE_SERVICE_TIER_SINCE = "2025-10-01"
+# Set while an Azure route answers a request that set no ``service_tier``: Azure's reply says the tier it served only
+# when the request set one (its priority-processing page), so the reply says none (``_served_tier``).
+_TIER_UNSAID: contextvars.ContextVar[bool] = contextvars.ContextVar("tier_unsaid", default=False)
 _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
@@ -2135,7 +2139,11 @@ class _App:
                     return _openai_error(
                         400, f"Unrecognized request argument supplied: {name}", "invalid_request_error", None, None
                     )
-            return await handler(request)
+            unsaid = _TIER_UNSAID.set(isinstance(body, dict) and body.get("service_tier") is None)
+            try:
+                return await handler(request)
+            finally:
+                _TIER_UNSAID.reset(unsaid)
 
         return azure_handler
 
@@ -2496,7 +2504,7 @@ class _App:
         lead: _OpenAILead | None = None,
         vllm_stop_reason: bool = False,
         annotations: list[dict[str, Any]] | None = None,
-        service_tier: str = "default",
+        service_tier: str | None = "default",
     ) -> web.StreamResponse:
         """``usage``: reported in a chunk of its own, with no choices, after the finishes (OpenAI's
         ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's). ``lead``: the
@@ -3397,12 +3405,15 @@ def _completion_logprobs(tokens: list[str], top: int | None) -> dict[str, Any] |
 _SERVED_TIERS = frozenset({"default", "flex", "priority"})
 
 
-def _served_tier(body: dict[str, Any], directives: dict[str, str]) -> str:
+def _served_tier(body: dict[str, Any], directives: dict[str, str]) -> str | None:
     """The tier the reply says it was served at: the one asked, if OpenAI serves it; for ``auto`` or none the
-    project's default (``[[project_tier=NAME]]``), else ``default``; ``[[served_tier=NAME]]``: NAME, whatever was
-    asked."""
+    project's default (``[[project_tier=NAME]]``: an Azure deployment's own tier), else ``default``;
+    ``[[served_tier=NAME]]``: NAME, whatever was asked. None (no tier said): Azure's reply to a request that set none
+    (``_TIER_UNSAID``)."""
     if "served_tier" in directives:
         return directives["served_tier"]
+    if _TIER_UNSAID.get():
+        return None
     asked = body.get("service_tier")
     if asked in _SERVED_TIERS:
         return asked

@@ -35,6 +35,9 @@ _MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"
 # priority processing, whose prerequisites name 2025-10-01-preview or later); an older one refuses the field
 # ("Unrecognized request argument supplied") and serves every request at standard processing.
 _SERVICE_TIER_SINCE = "2025-10-01"
+# The tier a request that asks none is served at: the deployment's own (``default``, or ``priority`` where priority
+# processing is on).
+AUTO_TIER = "auto"
 
 
 def _dated_since(api_version: str, since: str) -> bool:
@@ -63,9 +66,10 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     ``max_completion_tokens``, gets the limit as ``max_tokens`` (a client's own ``max_completion_tokens`` too).
 
     A /v1/messages request's ``standard_only`` is sent as Azure's ``default`` tier (standard processing, whatever the
-    deployment's own tier: a deployment with priority processing on serves ``auto`` or none at priority). An
-    api-version older than 2025-10-01-preview knows no ``service_tier`` and has no priority processing: the field is
-    not sent to it (``prepare_request``), and its requests are served at standard processing."""
+    deployment's own tier: a deployment with priority processing on serves ``auto`` or none at priority), and a
+    request that asks no tier as ``auto``, so that the reply says the tier served. An api-version older than
+    2025-10-01-preview knows no ``service_tier`` and has no priority processing: the field is not sent to it
+    (``prepare_request``), and its requests are served at standard processing."""
 
     serves_completions = False  # its deployments are chat deployments (/v1/completions: docs/completions.md)
     messages_stop_max = OPENAI_STOP_MAX
@@ -84,10 +88,14 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     def prepare_request(self, body: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
         """As the OpenAI adapter's, without ``service_tier`` for an api-version that does not read it (its 400
         "Unrecognized request argument supplied"): a request to it is served at standard processing whatever it
-        asks, and charged so (``sends_service_tier``)."""
+        asks, and charged so (``sends_service_tier``). An api-version that reads it is sent ``auto`` for a request
+        that asks no tier, what Azure serves it at anyway (the deployment's own tier): Azure's reply says the tier
+        it served (priority on a deployment with priority processing on) only when the request set one."""
         prepared = super().prepare_request(body, model)
         if not self.sends_service_tier(self.config):
             prepared.pop("service_tier", None)
+        elif prepared.get("service_tier") is None:
+            prepared["service_tier"] = AUTO_TIER
         return prepared
 
     def _sdk_client(self, config: ProviderConfig) -> openai.AsyncOpenAI:

@@ -103,19 +103,28 @@ def test_a_server_of_other_tiers_is_sent_no_tier_for_standard_only(gateway, stre
     assert usage.service_tier == "priority"
 
 
+@pytest.mark.parametrize(
+    ("asked", "sent", "factor", "tier", "said"),
+    [
+        ("standard_only", "default", Decimal(1), "", "standard"),
+        ("auto", "auto", Decimal(2), "priority", "priority"),
+        (None, "auto", Decimal(2), "priority", "priority"),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.usefixtures("on_azure")
-def test_standard_only_asks_azure_for_its_standard_tier(gateway, stream):
+def test_standard_only_asks_azure_for_its_standard_tier(gateway, asked, sent, factor, tier, said, stream):
     """Azure's chat completions take ``service_tier`` (``auto``, ``default``, ``priority``) from 2025-10-01-preview on,
     and a deployment with priority processing on serves a request asking none (``auto``) at priority. Anthropic's
     ``standard_only`` was sent to Azure as no tier: such a deployment served it at priority, which Azure billed and the
     row charged at the standard prices (the operator paying the difference), the client reading ``priority``. It is
-    sent as ``default``: served, said and charged standard."""
-    usage, request_id = message_usage(gateway, "gpt-azure", "standard_only", "priority", stream)
+    sent as ``default``: served, said and charged standard. ``auto`` or none is sent as ``auto``, for which Azure's
+    reply says the tier served (to a request that sets none it says none): priority, charged so."""
+    usage, request_id = message_usage(gateway, "gpt-azure", asked, "priority", stream)
 
-    assert tier_sent(gateway) == "default"
-    assert usage.service_tier == "standard"
-    assert_charged(request_id, Decimal(1), "")
+    assert tier_sent(gateway) == sent
+    assert usage.service_tier == said
+    assert_charged(request_id, factor, tier)
 
 
 @pytest.mark.parametrize("asked", ["standard_only", "auto"])

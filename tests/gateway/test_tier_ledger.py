@@ -145,13 +145,30 @@ def test_a_tier_an_azure_api_version_does_not_take_is_not_sent_nor_charged(on_az
     of the tier it asked, though its reply says no tier."""
     body = {
         "model": "gpt-azure-old",
-        "messages": [{"role": "user", "content": "one two three [[served_tier=none]]"}],
+        "messages": [{"role": "user", "content": "one two three"}],
         "service_tier": "priority",
     }
     request_id, served = chat_completion(on_azure, body, stream=stream)
     assert served == {None}
     assert on_azure.upstream.requests[-1]["body"].get("service_tier") is None
     assert_charged(request_id, Decimal(1), "")
+
+
+@pytest.mark.parametrize("asked", ["auto", None])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_asking_no_tier_of_an_azure_deployment_with_priority_on_is_charged_priority(on_azure, asked, stream):
+    """An Azure deployment with priority processing on serves a request that asks no tier (or ``auto``) at priority
+    and bills it so, but its reply says the tier it served only when the request set one (Microsoft's priority
+    processing page). Such a request was sent as it came: its reply said no tier, and the row was charged the standard
+    prices for a priority reply (the operator paying the difference). Azure is sent ``auto`` for it, the tier it
+    asks anyway: the reply says priority, and the row is charged it."""
+    body = {"model": "gpt-azure", "messages": [{"role": "user", "content": "one two three [[project_tier=priority]]"}]}
+    if asked is not None:
+        body["service_tier"] = asked
+    request_id, served = chat_completion(on_azure, body, stream=stream)
+    assert_charged(request_id, Decimal(2), "priority")
+    assert served == {"priority"}
+    assert on_azure.upstream.requests[-1]["body"].get("service_tier") == "auto"
 
 
 def test_a_deployment_without_a_factor_charges_priority_at_its_standard_prices(priced):
