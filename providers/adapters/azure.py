@@ -90,11 +90,13 @@ class AzureOpenAIAdapter(OpenAIAdapter):
         "Unrecognized request argument supplied"): a request to it is served at standard processing whatever it
         asks, and charged so (``sends_service_tier``). An api-version that reads it is sent ``auto`` for a request
         that asks no tier, what Azure serves it at anyway (the deployment's own tier): Azure's reply says the tier
-        it served (priority on a deployment with priority processing on) only when the request set one."""
+        it served (priority on a deployment with priority processing on) only when the request set one. Only where the
+        deployment prices priority (``priority_price_factor``): elsewhere a tier the reply says changes no price, and a
+        deployment sent exactly what its client sent cannot be broken by a field its api-version may not know."""
         prepared = super().prepare_request(body, model)
         if not self.sends_service_tier(self.config):
             prepared.pop("service_tier", None)
-        elif prepared.get("service_tier") is None:
+        elif prepared.get("service_tier") is None and model.priority_price_factor is not None:
             prepared["service_tier"] = AUTO_TIER
         return prepared
 

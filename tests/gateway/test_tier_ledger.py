@@ -171,6 +171,17 @@ def test_a_request_asking_no_tier_of_an_azure_deployment_with_priority_on_is_cha
     assert on_azure.upstream.requests[-1]["body"].get("service_tier") == "auto"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_azure_deployment_that_prices_no_priority_is_sent_no_tier_its_client_did_not_ask(on_azure, stream):
+    """``auto`` is sent for a request that asks no tier only where the deployment prices priority processing: without
+    a factor the tier a reply says changes no price, and the request goes as its client sent it."""
+    Deployment.objects.filter(model__name="gpt-azure").update(priority_price_factor=None)
+    body = {"model": "gpt-azure", "messages": [{"role": "user", "content": "one two three"}]}
+    request_id, _ = chat_completion(on_azure, body, stream=stream)
+    assert "service_tier" not in on_azure.upstream.requests[-1]["body"]
+    assert_charged(request_id, Decimal(1), "")
+
+
 def test_a_deployment_without_a_factor_charges_priority_at_its_standard_prices(priced):
     Deployment.objects.filter(model__name="gpt-test").update(priority_price_factor=None)
     raw = priced.client().chat.completions.with_raw_response.create(
