@@ -32,9 +32,9 @@ database, key auth and the ledger on. The figures, each printed beside its targe
 The streams are read by a minimal asyncio HTTP/1.1 client (``Connection: close``, the body scanned as bytes)
 so that on a 2-core machine the load generator takes as little CPU as it can from the server it measures.
 
-``--quick`` runs everything with small numbers (a few dozen streams, 200 requests) in about a minute: a
-test runs it end to end so that the script cannot rot; it asserts on nothing timed. Results go to stdout
-as markdown and to ``bench/results/streams.json`` (``streams-quick.json`` for ``--quick``).
+``--quick`` runs everything with small numbers (a few dozen streams, 200 requests, 30-word streams in the CPU
+part) in under a minute: a test runs it end to end so that the script cannot rot; it asserts on nothing timed.
+Results go to stdout as markdown and to ``bench/results/streams.json`` (``streams-quick.json`` for ``--quick``).
 """
 
 from __future__ import annotations
@@ -88,6 +88,9 @@ class Plan:
     cost_streams: int  # streams of each kind for the CPU per chunk and per start
     workers: tuple[int, ...]
     words: int = 300  # per stream, at TOKENS_PER_SECOND
+    # Per long stream of the CPU part (its unpaced and paced streams): a paced one lasts cost_words / TOKENS_PER_SECOND
+    # seconds, so the quick plan's 30 words make each of its two paced runs 1 s, not 10.
+    cost_words: int = 300
     paced_rounds: int = 3  # pairs of paced runs (ours, the bare view's) for the CPU per paced chunk
     parts: frozenset[str] = PARTS
     profile: str = ""  # where py-spy's collapsed stacks of the CPU part go ("": not sampled)
@@ -116,6 +119,7 @@ QUICK = Plan(
     paced_rounds=1,
     workers=(1,),
     words=30,
+    cost_words=30,
 )
 
 
@@ -361,13 +365,20 @@ async def ws_chats(port: int, key: str, count: int, content: str) -> dict[str, A
 
 
 async def cpu_costs(
-    port: int, key: str, pid: int, count: int, profile: Path | None = None, rounds_of_paced: int = 1
+    port: int,
+    key: str,
+    pid: int,
+    count: int,
+    profile: Path | None = None,
+    rounds_of_paced: int = 1,
+    words: int = 300,
 ) -> dict[str, Any]:
-    """Server CPU over ``count`` unpaced streams of 300 words, then of 1 word, 10 at a time; then ``count``
-    streams of 300 words at 30 tokens/s, all open at once. Unpaced, the upstream's chunks reach the server
-    several to a read; paced, as in the steady points, every chunk is a wake-up of its own (a read, the relay,
-    a write), which costs more: that is the figure the 500-stream target depends on. With ``profile``, py-spy
-    samples the server during a second paced round (not counted) and writes its collapsed stacks there."""
+    """Server CPU over ``count`` unpaced streams of ``words`` words (the plan's ``cost_words``: 300), then of 1
+    word, 10 at a time; then ``count`` streams of as many words at 30 tokens/s, all open at once. Unpaced, the
+    upstream's chunks reach the server several to a read; paced, as in the steady points, every chunk is a wake-up
+    of its own (a read, the relay, a write), which costs more: that is the figure the 500-stream target depends on.
+    With ``profile``, py-spy samples the server during a second paced round (not counted) and writes its collapsed
+    stacks there."""
 
     async def run(content: str, at_once: int = 10, path: str = PATH) -> tuple[float, int, int]:
         body = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": content}]})
@@ -388,18 +399,18 @@ async def cpu_costs(
         per_chunk = (long[0] - short[0]) / max(1, long[1] - short[1])
         return per_chunk, (short[0] - short[1] * per_chunk) / count
 
-    await run("[[words=300]] warm-up")
-    long = await run("[[words=300]] A long one.")
+    await run(f"[[words={words}]] warm-up")
+    long = await run(f"[[words={words}]] A long one.")
     short = await run("[[words=1]] A short one.")
     (long_cpu, long_chunks, long_errors), (_, short_chunks, short_errors) = long, short
     per_chunk, per_start = split(long, short)
     # The same two through the bare aiohttp view: what a chunk and a start cost with nothing of llmhub's in
     # them, so that the paced gap below splits into its two parts (the start's, spread over a stream's chunks,
     # and the chunk's own).
-    bare_long = await run("[[words=300]] A long one.", path=BARE_PATH)
+    bare_long = await run(f"[[words={words}]] A long one.", path=BARE_PATH)
     bare_short = await run("[[words=1]] A short one.", path=BARE_PATH)
     bare_per_chunk, bare_per_start = split(bare_long, bare_short)
-    paced = f"[[words=300]] [[tps={TOKENS_PER_SECOND}]] Paced."
+    paced = f"[[words={words}]] [[tps={TOKENS_PER_SECOND}]] Paced."
     # The floor: the bench's bare Django view relaying the same paced streams with aiohttp (same server,
     # same lean handler, no key, no SDK, no ledger), all its CPU per chunk, start included, as ours beside it.
     # In ``rounds_of_paced`` pairs (the plan's ``paced_rounds``), ours then the bare view's: this shared
@@ -423,7 +434,7 @@ async def cpu_costs(
         await run(paced, at_once=count)
         profiling.py_spy_stop(sampler)
     over_bare = statistics.median(r["ours_all_in_us"] - r["bare_all_in_us"] for r in rounds)
-    # A paced stream's chunks (300 words, the role's and the finish's): its start's extra cost is spread over them.
+    # A paced stream's chunks (its words, the role's and the finish's): its start's extra cost is spread over them.
     chunks_per_stream = long_chunks / max(1, count)
     gap_of_start = (per_start - bare_per_start) / max(1.0, chunks_per_stream) * 1e6
     return {
@@ -555,7 +566,9 @@ def bench_workers(
             )
     if workers == 1 and "cpu" in plan.parts:
         profile = Path(plan.profile) if plan.profile else None
-        result["cpu"] = asyncio.run(cpu_costs(port, key, process.pid, plan.cost_streams, profile, plan.paced_rounds))
+        result["cpu"] = asyncio.run(
+            cpu_costs(port, key, process.pid, plan.cost_streams, profile, plan.paced_rounds, plan.cost_words)
+        )
         if profile is not None and profile.exists():
             result["cpu"]["profile"] = profiling.summarize_collapsed(profile)
         # llmhub's streams (the bare view's make no ledger row): warm-up, long, short, each paced round, profile.
@@ -567,7 +580,7 @@ def bench_workers(
             f" {cpu['bare_cpu_per_paced_chunk_all_in_us']} µs, {cpu['cpu_per_paced_chunk_over_bare_us']} µs over it"
             f" in the median of {len(cpu['paced_rounds'])} paired rounds), {cpu['cpu_per_start_us']} µs per stream"
             " start"
-            f" ({cpu['cpu_per_long_stream_ms']} ms per 300-word stream)"
+            f" ({cpu['cpu_per_long_stream_ms']} ms per {plan.cost_words}-word stream)"
         )
         if "profile" in cpu:
             say_profile(cpu["profile"])
