@@ -50,9 +50,9 @@ def clean_env(**variables: str) -> dict[str, str]:
     return env
 
 
-def manage(*args: str, cwd: Path = ROOT, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def manage(*args: str, cwd: Path = ROOT, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PYTHON, "manage.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+        [PYTHON, "manage.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -782,14 +782,21 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
                 pass
 
 
+MIGRATE_AND_LOAD_THE_DEMO = (
+    "from django.core.management import call_command; "
+    "call_command('migrate', interactive=False, verbosity=1); call_command('demo_setup')"
+)
+
+
 @pytest.mark.timeout(300)  # migrations, the demo (its seeded experiment) and a server start, on a loaded CI
 def test_make_run_twice_keeps_one_admin_one_demo_user_and_one_catalog(tmp_path):
     project = copy_project(tmp_path / "project")
     openai_key = "sk-test-" + secrets.token_hex(16)
     env = clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.base", OPENAI_API_KEY=openai_key)
-    assert manage("migrate", "--noinput", cwd=project, env=env).returncode == 0
-    first = manage("demo_setup", cwd=project, env=env)
-    assert first.returncode == 0, first.stderr
+    # As `make run` sets up (scripts/run_dev.py): the migrations and the demo in one process, one Django start.
+    first = manage("shell", "-c", MIGRATE_AND_LOAD_THE_DEMO, cwd=project, env=env, timeout=240)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Applying providers.0001_initial... OK" in first.stdout, "the migrations ran"
     password = (project / ".local" / "demo-admin-password").read_text().strip()
     demo_password = (project / ".local" / "demo-user-password").read_text().strip()
     assert demo_password in first.stdout
@@ -800,29 +807,24 @@ def test_make_run_twice_keeps_one_admin_one_demo_user_and_one_catalog(tmp_path):
     assert (project / ".local" / "demo-user-password").read_text().strip() == demo_password
     assert "created" not in second.stdout and "updated" not in second.stdout
     assert openai_key not in first.stdout + first.stderr + second.stdout + second.stderr
-    count = manage(
-        "shell",
-        "-c",
-        "from django.contrib.auth.models import User; from providers.models import CatalogModel, Provider; "
-        "print(User.objects.filter(username='admin').count(), sorted(Provider.objects.values_list('name', flat=True)), "
-        "CatalogModel.objects.filter(deployments__provider__name='openai').count())",
-        cwd=project,
-        env=env,
-    )
-    last_line = count.stdout.strip().splitlines()[-1]
-    expected = "1 ['demo-fake-anthropic', 'demo-fake-openai', 'demo-fake-openai-west', 'openai'] 2"
-    assert last_line == expected, count.stdout + count.stderr
-    demo = manage(
+    # Both questions in one Django start: the admin and the catalog, then the demo user.
+    found = manage(
         "shell",
         "-c",
         "from django.contrib.auth import authenticate; from django.contrib.auth.models import User; "
+        "from providers.models import CatalogModel, Provider; "
+        "print(User.objects.filter(username='admin').count(), sorted(Provider.objects.values_list('name', flat=True)), "
+        "CatalogModel.objects.filter(deployments__provider__name='openai').count()); "
         f"user = authenticate(username='demo', password={demo_password!r}); "
         "print(User.objects.filter(username='demo').count(), user is not None and not user.is_staff, "
         "user.billing_plan.plan.name)",
         cwd=project,
         env=env,
     )
-    assert demo.stdout.strip().splitlines()[-1] == "1 True Free", demo.stdout + demo.stderr
+    catalog, demo_user = found.stdout.strip().splitlines()[-2:]
+    expected = "1 ['demo-fake-anthropic', 'demo-fake-openai', 'demo-fake-openai-west', 'openai'] 2"
+    assert catalog == expected, found.stdout + found.stderr
+    assert demo_user == "1 True Free", found.stdout + found.stderr
 
     # A plan an admin gives the demo user later is theirs to keep.
     assert manage("setplan", "demo", "Pro", cwd=project, env=env).returncode == 0
@@ -845,19 +847,19 @@ def test_a_plain_http_trial_of_production_can_sign_in_to_the_admin(tmp_path):
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
         STATIC_ROOT=str(tmp_path / "static"),
     )
-    assert manage("migrate", "--noinput", env=env).returncode == 0
-    assert manage("collectstatic", "--noinput", env=env).returncode == 0  # as the image's build does
     password = secrets.token_urlsafe(16)
-    created = manage(
-        "createsuperuser",
-        "--noinput",
-        "--username",
-        "first",
-        "--email",
-        "first@example.com",
+    # The operator's three commands (collectstatic as the image's build does) in one Django start.
+    prepared = manage(
+        "shell",
+        "-c",
+        "from django.core.management import call_command; "
+        "call_command('migrate', interactive=False); call_command('collectstatic', interactive=False); "
+        "call_command('createsuperuser', interactive=False, username='first', email='first@example.com')",
         env={**env, "DJANGO_SUPERUSER_PASSWORD": password},
+        timeout=240,
     )
-    assert created.returncode == 0, created.stderr
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    assert "Superuser created successfully." in prepared.stdout, prepared.stdout
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port), "--lifespan", "off"],
