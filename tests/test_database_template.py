@@ -16,6 +16,7 @@ from tests.database_template import TEMPLATE_OWNER
 ROOT = Path(__file__).resolve().parent.parent
 # Where the workers of the run started below record their database; unset, the probe has nothing to do.
 PROBE = "LLMHUB_TEST_DATABASE_PROBE"
+UNUSED_PLUGINS = ("schemathesis", "hypothesispytest", "faker", "anyio")
 
 
 @pytest.mark.django_db
@@ -43,7 +44,10 @@ def test_the_workers_of_a_run_copy_one_database_migrated_once(tmp_path) -> None:
     env = {name: value for name, value in os.environ.items() if name not in left_out and not name.startswith("PYTEST_")}
     env[PROBE] = str(tmp_path)
     probe = f"{Path(__file__).relative_to(ROOT)}::test_probe_records_this_workers_database"
-    argv = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "each", "-q", "-p", "no:cacheprovider", probe]
+    # Without the plugins the probe has no use for (schemathesis's, hypothesis's, faker's, anyio's): each imports
+    # its library in the controller and in both workers, about 1 CPU-s of the run's 3 starts together.
+    unused = [option for plugin in UNUSED_PLUGINS for option in ("-p", f"no:{plugin}")]
+    argv = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "each", "-q", "-p", "no:cacheprovider", *unused, probe]
     run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
 
