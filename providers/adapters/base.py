@@ -22,7 +22,7 @@ from ..rules import apply_parameter_rules
 from ..tokens import prompt_tokens
 from ..types import HealthResult, ProviderConfig, ResolvedModel, UpstreamModel
 from .common import BatchesAnswered, allowed_tools_narrowed
-from .translate_anthropic import EventTranslator, chat_request, message_from_completion
+from .translate_anthropic import EventTranslator, chat_request, message_from_completion, messages_refusal_named
 
 
 class BaseAdapter(ABC):
@@ -113,8 +113,15 @@ class BaseAdapter(ABC):
         """Answer an Anthropic Messages request (``/v1/messages``) for ``model`` with a ``message``.
         Default: translated to a chat completion (then ``prepare_request``: upstream id, parameter rules)
         and back; ``AnthropicAdapter`` overrides it to pass the request through, with the client's
-        Anthropic ``headers`` (``anthropic-beta``), which mean nothing to another protocol."""
-        return message_from_completion(await self.complete(self.prepare_request(self._chat_request(request), model)))
+        Anthropic ``headers`` (``anthropic-beta``), which mean nothing to another protocol. A refusal of the
+        translation (this adapter's before the call, or the provider's) names the client's fields, not the chat
+        completion's (``messages_refusal_named``)."""
+        body = self._chat_request(request)
+        try:
+            completion = await self.complete(self.prepare_request(body, model))
+        except ProviderBadRequestError as exc:
+            raise messages_refusal_named(request, exc) from None
+        return message_from_completion(completion)
 
     # Whether the provider counts a Messages request's input tokens itself (``messages_count``).
     counts_messages: ClassVar[bool] = False
@@ -153,11 +160,17 @@ class BaseAdapter(ABC):
         stream, translated (``EventTranslator``); ``AnthropicAdapter`` overrides it to relay the upstream's
         events."""
         translator = EventTranslator(input_tokens_estimate=prompt_tokens(request, operation="messages"))
-        chunks = self.stream({**self.prepare_request(self._chat_request(request), model), "stream": True})
+        body = self._chat_request(request)
+        try:
+            chunks = self.stream({**self.prepare_request(body, model), "stream": True})
+        except ProviderBadRequestError as exc:
+            raise messages_refusal_named(request, exc) from None
         try:
             async for chunk in chunks:
                 for event in translator.feed(chunk):
                     yield WireEvent(event, None)
+        except ProviderBadRequestError as exc:
+            raise messages_refusal_named(request, exc) from None
         finally:
             await chunks.aclose()
         for event in translator.finish():

@@ -850,14 +850,7 @@ def chat_request(
             "inference_geo",
             "unsupported_parameter",
         )
-    messages: list[dict[str, Any]] = []
-    system = request.get("system")
-    if system:
-        text = system if isinstance(system, str) else _BLOCKS_JOINED_BY.join(_block_texts(system, "system"))
-        messages.append({"role": "system", "content": text})
-    for i, turn in enumerate(request.get("messages") or ()):
-        messages.extend(_chat_messages(turn, f"messages.{i}"))
-    body: dict[str, Any] = {"model": request.get("model"), "messages": messages}
+    body: dict[str, Any] = {"model": request.get("model"), "messages": _translated_messages(request)}
     if request.get("max_tokens") is not None:
         body["max_tokens"] = request["max_tokens"]
     if request.get("service_tier") == STANDARD_ONLY and standard_tier is not None:
@@ -899,6 +892,104 @@ def chat_request(
     if not tools:
         body.pop("tool_choice", None)
     return body
+
+
+def _translated_messages(request: dict[str, Any], origins: list[_Origins] | None = None) -> list[dict[str, Any]]:
+    """A Messages request's ``system`` and ``messages`` as chat completions' messages. ``origins``, when given, gets
+    for each chat message where its fields came from in the client's request (``_Origins``): ``messages_field``'s
+    record of this same walk, so that a refusal of the chat completion names what the client sent."""
+    messages: list[dict[str, Any]] = []
+    system = request.get("system")
+    if system:
+        text = system if isinstance(system, str) else _BLOCKS_JOINED_BY.join(_block_texts(system, "system"))
+        messages.append({"role": "system", "content": text})
+        if origins is not None:
+            origins.append({"": "system", "content": "system"})
+    for i, turn in enumerate(request.get("messages") or ()):
+        messages.extend(_chat_messages(turn, f"messages.{i}", origins))
+    return messages
+
+
+# A chat message's origins (``_translated_messages``): for each of its fields a refusal can name (``""`` the message
+# itself, ``content``, ``content[M]``, ``tool_calls[K]``, ``tool_call_id``, ``content[M].image_url.url``), the field of
+# the Messages request it was made of (``messages.2.content.1``, ``system``, ...). A field it has none for is named by
+# the nearest one it has, the message's own.
+_Origins = dict[str, str]
+# A chat completion's path of a message's field, as a refusal names it (``messages[3].content[1].image_url.url``;
+# OpenAI's own 400s write ``messages.[3].content.[1].type`` too), and of a tool's.
+_CHAT_PATH = re.compile(r"(?P<list>messages|tools)\.?\[(?P<index>\d+)\](?P<rest>(?:\.\w+|\.?\[\d+\])*)")
+# Inside a tool call or a content part, the chat completion's field and the Messages block's it was made of.
+_CALL_FIELDS = {".function.arguments": ".input", ".function.name": ".name", ".function": "", ".id": ".id"}
+_PART_FIELDS = {".type": ".type", ".text": ".text"}
+# The chat completion's top-level fields a translation wrote for a Messages field of another name (the others, such
+# as ``temperature`` or ``tool_choice``, are named alike in both).
+_REQUEST_FIELDS = {
+    "max_completion_tokens": "max_tokens",
+    "stop": "stop_sequences",
+    "user": "metadata.user_id",
+    "safety_identifier": "metadata.user_id",
+    "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
+}
+# An image refusal of its type (``invalid_image_format``) names the source's ``media_type``, which the data URL's type
+# was made of; any other, the ``data`` (or a url source's ``url``).
+_IMAGE_TYPE_REFUSED = "invalid_image_format"
+
+
+def messages_field(request: dict[str, Any], param: str | None, code: str | None = None) -> str | None:
+    """``param``, a field of the chat completion a Messages ``request`` was translated into (``chat_request``) that
+    a provider's adapter or the provider refused, as the client named it in ``request``: ``messages[3].content[1].
+    image_url.url`` is ``messages.2.content.1.source.data`` when a system prompt came first (``source.media_type``
+    for a refusal of the image's type, ``code`` ``invalid_image_format``; ``source.url`` for a url source), a tool
+    message's ``content`` its ``tool_result`` block's, ``stop`` ``stop_sequences``. A field the client wrote
+    otherwise or not at all is named by the nearest one it sent (a part's unknown field by its block, a message's by
+    its turn); a field that is no chat completion's path is returned as it is."""
+    if not param:
+        return param
+    match = _CHAT_PATH.fullmatch(param)
+    if match is None:
+        return _request_field(request, param)
+    index, rest = int(match["index"]), re.sub(r"\.\[", "[", match["rest"])
+    if match["list"] == "tools":
+        return f"tools.{index}" + (".input_schema" if rest.startswith(".function.parameters") else "")
+    origins: list[_Origins] = []
+    _translated_messages(request, origins)
+    if index >= len(origins):
+        return "messages"
+    origin, key = origins[index], rest.removeprefix(".")
+    if key in origin:
+        named = origin[key]
+        if code == _IMAGE_TYPE_REFUSED and named.endswith(".source.data"):
+            return named.removesuffix(".data") + ".media_type"
+        return named
+    inner = re.match(r"(?P<name>content|tool_calls)\[(?P<at>\d+)\](?P<tail>.*)", key)
+    if inner is not None and f"{inner['name']}[{inner['at']}]" in origin:
+        fields = _CALL_FIELDS if inner["name"] == "tool_calls" else _PART_FIELDS
+        return origin[f"{inner['name']}[{inner['at']}]"] + fields.get(inner["tail"], "")
+    return origin.get(re.split(r"[.\[]", key, maxsplit=1)[0], origin[""])
+
+
+def _request_field(request: dict[str, Any], param: str) -> str:
+    """A top-level field of the chat completion as the Messages request named it (``messages_field``)."""
+    head, _, rest = param.partition(".")
+    if head == "reasoning_effort":
+        # From the effort the client gave, else from its thinking budget (``_effort``).
+        config = request.get("output_config")
+        given = isinstance(config, dict) and config.get("effort") is not None
+        return "output_config.effort" if given else "thinking.budget_tokens"
+    if head == "response_format":
+        return "output_format" if request.get("output_format") is not None else "output_config.format"
+    return _REQUEST_FIELDS.get(head, head) + (f".{rest}" if rest and head not in _REQUEST_FIELDS else "")
+
+
+def messages_refusal_named(request: dict[str, Any], exc: ProviderBadRequestError) -> ProviderBadRequestError:
+    """``exc``, a refusal of the chat completion a Messages ``request`` was translated into, naming the client's own
+    fields (``messages_field``): its ``param``, and each chat completion's path its message quotes (Anthropic's
+    errors carry no ``param``: the message is all a client reads)."""
+    exc.message = _CHAT_PATH.sub(lambda found: messages_field(request, found[0], exc.code) or found[0], exc.message)
+    if exc.param is not None:
+        exc.param = messages_field(request, exc.param, exc.code)
+    exc.args = (exc.message,)
+    return exc
 
 
 def _response_format(request: dict[str, Any]) -> dict[str, Any] | None:
@@ -1015,24 +1106,45 @@ def _block_texts(blocks: Any, where: str) -> list[str]:
     return texts
 
 
-def _chat_messages(turn: Any, where: str) -> list[dict[str, Any]]:
+def _chat_messages(turn: Any, where: str, origins: list[_Origins] | None = None) -> list[dict[str, Any]]:
+    """The chat messages of a Messages turn at ``where``; ``origins`` (``_translated_messages``) gets theirs."""
     role = turn.get("role") if isinstance(turn, dict) else None
     content = turn.get("content") if isinstance(turn, dict) else None
     if role not in ("user", "assistant"):
         raise _refused("Input should be 'user' or 'assistant'", f"{where}.role")
     if isinstance(content, str):
+        if origins is not None:
+            origins.append(_turn_origin(where))
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise _refused("Input should be a string or a list of content blocks", f"{where}.content")
     if role == "assistant":
-        return [_assistant_message(content, where)]
+        message = _assistant_message(content, where)
+        if origins is not None:
+            calls = [
+                j for j, block in enumerate(content) if isinstance(block, dict) and block.get("type") == "tool_use"
+            ]
+            origins.append(
+                _turn_origin(where)
+                | {"tool_calls": f"{where}.content"}
+                | {f"tool_calls[{k}]": f"{where}.content.{j}" for k, j in enumerate(calls)}
+            )
+        return [message]
     results: list[dict[str, Any]] = []
     tool_images: list[dict[str, Any]] = []  # a tool message holds text only: its images open the user turn
     parts: list[dict[str, Any]] = []
+    # Where each of the user message's parts came from, when ``origins`` is asked for: the tool results' images, then
+    # the turn's own blocks, as the message lists them.
+    image_origins: list[tuple[str, dict[str, Any]]] | None = [] if origins is not None else None
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "tool_result":
-            results.append(_tool_message(block, f"{where}.content.{j}", tool_images))
+            results.append(_tool_message(block, f"{where}.content.{j}", tool_images, image_origins))
+            if origins is not None:
+                at = f"{where}.content.{j}"
+                origins.append(
+                    {"": at, "role": f"{at}.type", "content": f"{at}.content", "tool_call_id": f"{at}.tool_use_id"}
+                )
         elif kind == "text":
             parts.append({"type": "text", "text": block.get("text") or ""})
         elif kind == "image":
@@ -1050,7 +1162,28 @@ def _chat_messages(turn: Any, where: str) -> list[dict[str, Any]]:
             )
     if tool_images or parts:
         results.append({"role": "user", "content": [*tool_images, *parts]})
+        if origins is not None and image_origins is not None:
+            own = [
+                (f"{where}.content.{j}", block) for j, block in enumerate(content) if block["type"] in ("text", "image")
+            ]
+            origins.append(_turn_origin(where) | _part_origins([*image_origins, *own]))
     return results
+
+
+def _turn_origin(where: str) -> _Origins:
+    return {"": where, "role": f"{where}.role", "content": f"{where}.content"}
+
+
+def _part_origins(blocks: list[tuple[str, dict[str, Any]]]) -> _Origins:
+    """A translated user message's ``content[M]`` origins, the Messages blocks (each with its path) it was made of in
+    order; an image part's url is its source's ``data`` or ``url``."""
+    origins: _Origins = {}
+    for position, (at, block) in enumerate(blocks):
+        origins[f"content[{position}]"] = at
+        if block.get("type") == "image":
+            field = "url" if block["source"].get("type") == "url" else "data"
+            origins[f"content[{position}].image_url.url"] = f"{at}.source.{field}"
+    return origins
 
 
 def _assistant_message(content: list[Any], where: str) -> dict[str, Any]:
@@ -1086,8 +1219,14 @@ def _assistant_message(content: list[Any], where: str) -> dict[str, Any]:
     return message
 
 
-def _tool_message(block: dict[str, Any], where: str, images: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``tool`` message of a ``tool_result`` block: its text; its images are added to ``images``."""
+def _tool_message(
+    block: dict[str, Any],
+    where: str,
+    images: list[dict[str, Any]],
+    image_origins: list[tuple[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The ``tool`` message of a ``tool_result`` block: its text; its images are added to ``images`` (and each with
+    its path to ``image_origins``, when given)."""
     content = block.get("content")
     if isinstance(content, list):
         texts = []
@@ -1097,6 +1236,8 @@ def _tool_message(block: dict[str, Any], where: str, images: list[dict[str, Any]
                 texts.append(part.get("text") or "")
             elif kind == "image":
                 images.append({"type": "image_url", "image_url": {"url": _image_url(part, f"{where}.content.{k}")}})
+                if image_origins is not None:
+                    image_origins.append((f"{where}.content.{k}", part))
             else:
                 raise _refused(
                     f"Content blocks of type {kind!r} in a tool_result are not supported by this model",
