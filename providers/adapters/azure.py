@@ -18,7 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..types import ProviderConfig, ResolvedModel
 from .common import http_timeout, provider_http_client
-from .openai import OPENAI_STOP_MAX, OpenAIAdapter
+from .openai import OPENAI_IMAGE_URLS, OPENAI_STOP_MAX, OpenAIAdapter
 
 # Given when the row has no key, so that the SDK never falls back to the gateway's own environment
 # (AZURE_OPENAI_API_KEY, AZURE_OPENAI_AD_TOKEN): the resource then answers 401, which is the truth.
@@ -74,6 +74,7 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     serves_completions = False  # its deployments are chat deployments (/v1/completions: docs/completions.md)
     messages_stop_max = OPENAI_STOP_MAX
     messages_standard_tier = "default"
+    image_urls = OPENAI_IMAGE_URLS
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)

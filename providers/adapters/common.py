@@ -341,6 +341,66 @@ def image_media_type(declared: str) -> str:
     return _IMAGE_TYPE_ALIASES.get(lowered, lowered)
 
 
+@dataclass(frozen=True, slots=True)
+class ImageUrls:
+    """The image URLs a provider takes as they came, for ``images_checked``: base64 data URLs of ``types``, compared as
+    written (``as_written``: Ollama's prefixes, ``data:;base64,`` without a type too) or as media types
+    (case-insensitive, ``image/jpg`` a JPEG: ``image_media_type``); http(s) URLs when it fetches them (``fetches``).
+    ``provider`` names it in the refusal."""
+
+    provider: str
+    types: tuple[str, ...]
+    fetches: bool
+    as_written: bool = False
+
+    def refusal(self, url: str) -> str | None:
+        """Why ``url`` cannot go to the provider as it came (the refusal's code), or None when it can. Compared as
+        media types, a URL neither a data URL nor an http(s) one is the provider's to answer."""
+        if url.startswith(("http://", "https://")):
+            return None if self.fetches else "image_url_not_supported"
+        if self.as_written:
+            taken = url.startswith((*(f"data:{kind};base64," for kind in self.types), "data:;base64,"))
+            return None if taken else "invalid_image_format"
+        if not url.startswith("data:"):
+            return None
+        declared = url[5:].split(",", 1)[0].split(";", 1)[0]
+        return None if not declared or image_media_type(declared) in self.types else "invalid_image_format"
+
+
+def images_checked(body: dict[str, Any], urls: ImageUrls) -> None:
+    """A 400 naming ``messages[N].content[M].image_url.url`` before any call for an image the provider cannot take
+    (``urls``): one it would have to fetch (``image_url_not_supported``), or a data URL of a type it does not read
+    (``invalid_image_format``, OpenAI's code for an image of a format it does not read), as Gemini's and Claude's
+    translations refuse one: from ``OpenAIAdapter._chat_body``, for the kinds whose ``image_urls`` are known."""
+    messages = body.get("messages")
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for position, part in enumerate(content if isinstance(content, list) else ()):
+            image = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+            url = image.get("url") if isinstance(image, dict) else None
+            code = urls.refusal(url) if isinstance(url, str) else None
+            if code is None:
+                continue
+            param = f"messages[{index}].content[{position}].image_url.url"
+            if code == "image_url_not_supported":
+                message_text = (
+                    f"`{param}`: {urls.provider} takes images as base64 data URLs (data:image/png;base64,…) only; it "
+                    "cannot fetch an image from a URL."
+                )
+            elif urls.as_written:
+                message_text = (
+                    f"`{param}`: {urls.provider} takes images as base64 data URLs of type {', '.join(urls.types)} only "
+                    "(written in lower case, data:image/png;base64,…)."
+                )
+            else:
+                declared = url[5:].split(",", 1)[0].split(";", 1)[0].lower()
+                message_text = (
+                    f"`{param}`: {urls.provider} takes images of type {', '.join(urls.types)} only, and this data "
+                    f"URL's is {declared}."
+                )
+            raise ProviderBadRequestError(message_text, param=param, code=code)
+
+
 # OpenAI's request-level prompt-caching hints an upstream without OpenAI's cache controls is not sent
 # (``prompt_cache_hints_dropped``); ``prompt_cache_key`` only where it means nothing.
 PROMPT_CACHE_HINTS = frozenset({"prompt_cache_options", "prompt_cache_retention"})

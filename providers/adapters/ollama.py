@@ -27,8 +27,8 @@ it refuses is sent as a part it reads:
   (the message's ``images``, given to the model as a user's are), and it goes as it came;
 - an image part's URL Ollama does not decode (its ``decodeImageURL``: a base64 data URL of type image/jpeg, jpg, png
   or webp, or of none, and no http(s) URL, which it does not fetch) is refused with a 400 naming
-  ``messages[N].content[M].image_url.url`` before any call (``_images_checked``), where Ollama answered its own 400
-  ``invalid image input``, naming nothing, after one.
+  ``messages[N].content[M].image_url.url`` before any call (``OLLAMA_IMAGE_URLS``, ``common.images_checked``), where
+  Ollama answered its own 400 ``invalid image input``, naming nothing, after one.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ..types import ResolvedModel
 from .base import WireChunk
 from .common import (
     TEXT_ONLY,
+    ImageUrls,
     fields_renamed,
     one_choice_only,
     prompt_cache_hints_dropped,
@@ -50,13 +51,15 @@ from .common import (
 from .openai import OpenAIAdapter
 
 _CHAT_RENAMES = {"max_completion_tokens": "max_tokens"}
-# The image URLs Ollama decodes (``decodeImageURL``, which compares these prefixes as written).
-_IMAGE_TYPES = ("image/jpeg", "image/jpg", "image/png", "image/webp")
-_IMAGE_PREFIXES = (*(f"data:{kind};base64," for kind in _IMAGE_TYPES), "data:;base64,")
+# The image URLs Ollama decodes (``decodeImageURL``, which compares these prefixes as written; it fetches no URL).
+OLLAMA_IMAGE_URLS = ImageUrls(
+    "Ollama", ("image/jpeg", "image/jpg", "image/png", "image/webp"), fetches=False, as_written=True
+)
 
 
 class OllamaAdapter(OpenAIAdapter):
     counts_every_request_search = False  # the models it runs search nothing (``web_searches``)
+    image_urls = OLLAMA_IMAGE_URLS
 
     def web_searches(self, body: dict[str, Any], model: ResolvedModel) -> int:
         """None: Ollama ignores ``web_search_options`` (no field of its ``ChatCompletionRequest``), and the models it
@@ -65,7 +68,6 @@ class OllamaAdapter(OpenAIAdapter):
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         one_choice_only(body)
-        _images_checked(body)
         body = refusals_as_text(prompt_cache_hints_dropped(unhonoured_refused(body, TEXT_ONLY)))
         return super()._chat_body(fields_renamed(_tool_choice_kept(body), _CHAT_RENAMES), stream=stream)
 
@@ -128,33 +130,6 @@ def _later_calls_dropped(chunk: WireChunk, first_calls: dict[Any, Any]) -> bool:
         for choice in chunk.get("choices") or ()
         if isinstance(choice, dict)
     ) or bool(chunk.get("usage"))
-
-
-def _images_checked(body: dict[str, Any]) -> None:
-    """A 400 naming ``messages[N].content[M].image_url.url`` for an image Ollama cannot take: one it would have to
-    fetch, or a data URL it does not decode (``_IMAGE_PREFIXES``), as Gemini's and Claude's translations refuse one."""
-    messages = body.get("messages")
-    for index, message in enumerate(messages if isinstance(messages, list) else ()):
-        content = message.get("content") if isinstance(message, dict) else None
-        for position, part in enumerate(content if isinstance(content, list) else ()):
-            image = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
-            url = image.get("url") if isinstance(image, dict) else None
-            if not isinstance(url, str) or url.startswith(_IMAGE_PREFIXES):
-                continue
-            param = f"messages[{index}].content[{position}].image_url.url"
-            if url.startswith(("http://", "https://")):
-                raise ProviderBadRequestError(
-                    f"`{param}`: Ollama takes images as base64 data URLs (data:image/png;base64,…) only; it cannot "
-                    "fetch an image from a URL.",
-                    param=param,
-                    code="image_url_not_supported",
-                )
-            raise ProviderBadRequestError(
-                f"`{param}`: Ollama takes images as base64 data URLs of type {', '.join(_IMAGE_TYPES)} only (written "
-                "in lower case, data:image/png;base64,…).",
-                param=param,
-                code="invalid_image_format",
-            )
 
 
 def _tool_choice_kept(body: dict[str, Any]) -> dict[str, Any]:

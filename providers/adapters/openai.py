@@ -35,10 +35,12 @@ from . import sdk_requests
 from .base import BaseAdapter, WireChunk, chunk_json
 from .common import (
     BatchesAnswered,
+    ImageUrls,
     assistant_fields_dropped,
     error_for_failure,
     error_for_status,
     http_timeout,
+    images_checked,
     in_batches,
     interruption_reason,
     provider_http_client,
@@ -162,6 +164,10 @@ class OpenAIAdapter(BaseAdapter):
     # None: as the request has it, for the OpenAI-compatible servers (vLLM, OpenRouter, …), which all read
     # ``max_tokens``, the name llmhub gives a limit it picks or translates (Ollama's reads nothing else: ``ollama.py``).
     output_limit: str | None = None
+    # The image URLs the provider takes, where they are documented (OpenAI's and Azure's ``OPENAI_IMAGE_URLS``,
+    # Ollama's): another is refused before the call (``_chat_body``). None: any goes as it came, for the
+    # OpenAI-compatible servers (vLLM, OpenRouter, …), whose models read what their own processors read.
+    image_urls: ImageUrls | None = None
     counts_every_request_search = True  # OpenAI's search models, an Azure deployment of one, an answer engine
 
     def __init__(self, config: ProviderConfig) -> None:
@@ -204,8 +210,11 @@ class OpenAIAdapter(BaseAdapter):
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         """The chat request sent upstream for ``body``. A stream always asks for usage, whatever the client
-        said, so that billing has real counts. The output limit goes under ``output_limit``. Overridden by providers
-        that spell the request otherwise (Mistral: ``mistral.py``)."""
+        said, so that billing has real counts. The output limit goes under ``output_limit``. An image the provider
+        cannot take (``image_urls``) is refused before the call. Overridden by providers that spell the request
+        otherwise (Mistral: ``mistral.py``)."""
+        if self.image_urls is not None:
+            images_checked(body, self.image_urls)
         body = _output_limit_spelt(body, self.output_limit)
         if not stream:
             if "stream" in body or "stream_options" in body:
@@ -691,6 +700,12 @@ def _upstream_model(item: dict[str, Any]) -> UpstreamModel:
     )
 
 
+# The image URLs OpenAI's chat completions take (its vision guide's image input requirements: PNG, JPEG, WEBP and
+# non-animated GIF, as a data URL or an http(s) URL it fetches), Azure OpenAI's alike (its 400 "You uploaded an
+# unsupported image ... in one of these formats: png, jpeg, gif, webp"). A data URL of another type (text/html, a PDF,
+# HEIC) is refused before the call (``images_checked``), where the provider answered its own 400 after it.
+OPENAI_IMAGE_URLS = ImageUrls("This model", ("image/png", "image/jpeg", "image/gif", "image/webp"), fetches=True)
+
 # The most stop strings OpenAI's chat completions take (its ``stop``: "Up to 4 sequences"), on OpenAI's API and Azure's.
 OPENAI_STOP_MAX = 4
 
@@ -706,6 +721,7 @@ class OpenAIPlatformAdapter(OpenAIAdapter):
     output_limit = "max_completion_tokens"
     takes_allowed_tools = True
     messages_stop_max = OPENAI_STOP_MAX
+    image_urls = OPENAI_IMAGE_URLS
     messages_standard_tier = "default"
 
 
