@@ -139,6 +139,9 @@ Replies
     ``[[arguments=object]]`` (OpenAI only) sends a tool call's (or a legacy function call's) ``arguments`` as the JSON
     object itself, not its text, as Hugging Face TGI and llama.cpp's server with ``--tool-args-object`` do; streamed,
     the whole object in one piece after the call's opening.
+    ``[[tool_calls_shape=object]]`` (OpenAI only, streamed) sends each delta's ``tool_calls`` as the one call piece
+    itself, an object, not an array of it, as older versions of Hugging Face TGI's OpenAI-compatible route stream it
+    (``"tool_calls": {"index": 0, "id": …, "type": "function", "function": {…}}``).
     ``[[thinking=some text]]`` (Anthropic only, in a request whose ``thinking`` is enabled: ``{"type": "enabled",
     "budget_tokens": N}`` or ``{"type": "adaptive"}``) puts a ``thinking`` block of that text, with a ``signature``,
     before the reply, as extended thinking does (streamed: ``thinking_delta`` events in pieces, then a
@@ -832,6 +835,7 @@ class _Reply:
     legacy_function: bool = False  # answered as a legacy ``function_call`` (the request gave ``functions``)
     own_tool_ids: tuple[str, ...] = ()  # every call's id, when drawn otherwise than from ``tool_id`` (Mistral's)
     arguments_object: bool = False  # ``[[arguments=object]]``: OpenAI routes send the arguments as a JSON object
+    tool_calls_object: bool = False  # ``[[tool_calls_shape=object]]``: a streamed delta's tool_calls as its one call
 
     @property
     def arguments_json(self) -> str:
@@ -1207,6 +1211,7 @@ def _build_reply(
             tool_count=1 if tool.legacy else _tool_count(directives),
             legacy_function=tool.legacy,
             arguments_object=directives.get("arguments") == "object",
+            tool_calls_object=directives.get("tool_calls_shape") == "object",
         )
     elif demo:
         text = demo_answer(conv.user_text)
@@ -2522,6 +2527,9 @@ class _App:
         }
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+            calls = delta.get("tool_calls")
+            if reply.tool_calls_object and isinstance(calls, list) and len(calls) == 1:
+                delta = {**delta, "tool_calls": calls[0]}  # older TGI's stream: the call piece, not a list of it
             data = {**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
             if usage is not None and not usage_on_finish:
                 data["usage"] = None

@@ -534,6 +534,7 @@ class StreamShape:
             if not isinstance(delta, dict):
                 choice["delta"] = delta = {}
             _content_mended(delta, self._content)
+            _calls_listed(delta)
             _calls_checked(delta)
             _logprobs_mended(choice)
             role = delta.get("role")
@@ -569,6 +570,16 @@ class StreamShape:
             call["index"] = current
             self.numbered = True
         self._calls[choice_index] = (current, current_id)
+
+
+def _calls_listed(delta: dict[str, Any]) -> None:
+    """A delta's ``tool_calls`` sent as the one call piece itself, an object, not an array of it (older versions of
+    Hugging Face TGI's OpenAI-compatible route stream every piece so), as the array of that one call, in place: the
+    schema's array, which every reader of a stream joins pieces from. Only a decoded chunk gets here (``_fill``: the
+    object is not the schema's array), so a stream of the schema's shape pays nothing for it."""
+    calls = delta.get("tool_calls")
+    if type(calls) is dict:
+        delta["tool_calls"] = [calls]
 
 
 # What a delta may not say null for none (vLLM, LM Studio, llama.cpp and some OpenRouter routes do): OpenAI's schema
