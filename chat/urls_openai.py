@@ -1,4 +1,8 @@
-"""Routes of the OpenAI-compatible API, mounted at /v1/."""
+"""Routes of the OpenAI-compatible API, mounted at /v1/.
+
+A route that takes the rest of the path matches any character, a newline too (``(?s:…)``): a client's ``%0A`` is
+decoded into the path, a regular expression's ``.`` does not match it, and such a path matched no route here, not
+even the catch-all, for Django's HTML 404 (``tests/gateway/test_paths_with_newlines.py``)."""
 
 from __future__ import annotations
 
@@ -11,12 +15,12 @@ urlpatterns = [
     path("completions", api_openai.completions, name="v1-completions"),
     path("embeddings", api_openai.embeddings, name="v1-embeddings"),
     path("responses", api_responses.responses_create, name="v1-responses"),
-    re_path(r"^responses/(?P<path>.+)$", api_responses.responses_stored),
+    re_path(r"^responses/(?P<path>(?s:.+))$", api_responses.responses_stored),
     path("messages", api_anthropic.messages, name="v1-messages"),
     path("messages/count_tokens", api_anthropic.count_tokens, name="v1-messages-count-tokens"),
-    re_path(r"^messages/(?P<path>.*)$", api_anthropic.not_found),
+    re_path(r"^messages/(?P<path>(?s:.*))$", api_anthropic.not_found),
     path("feedback", api_feedback.feedback_create, name="v1-feedback"),
     path("models", api_models.models_list, name="v1-models"),
-    path("models/<path:model>", api_models.model_retrieve, name="v1-model"),
-    re_path(r"^(?P<path>.*)$", api_models.not_found),
+    re_path(r"^models/(?P<model>(?s:.+))$", api_models.model_retrieve, name="v1-model"),
+    re_path(r"^(?P<path>(?s:.*))$", api_models.not_found),
 ]
