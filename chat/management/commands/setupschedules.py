@@ -1,7 +1,14 @@
 """``manage.py setupschedules``: create or update the periodic tasks celery beat runs.
 
-Idempotent: tasks are matched by name. A task an admin disabled stays disabled; its task path and
-schedule are brought back to what is listed here. To add a schedule, add an entry to ``SCHEDULES``.
+Idempotent: tasks are matched by name. A task an admin disabled stays disabled; its task path,
+schedule and expiry are brought back to what is listed here. To add a schedule, add an entry to ``SCHEDULES``.
+
+Each copy beat sends expires (``expire_seconds``, ``schedule_expiry``): one no worker started within its interval
+(a day for the daily ones) is dropped by the worker that takes it, and the next copy runs. Beat sends on time
+whether or not a worker takes the copies; without an expiry, the copies sent while the workers were down piled up
+in the broker and a worker back from an hour's outage ran each of them back to back (120 lost-request sweeps, 60
+alert evaluations, 12 health rounds with their paid probes), the current runs queued behind them
+(docs/reliability.md, "Celery: the copies beat sent while no worker ran").
 """
 
 from __future__ import annotations
@@ -44,6 +51,16 @@ SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
 ]
 
 
+# The daily runs (a crontab): a copy a worker takes within the day still runs, late; the next day's replaces it.
+DAILY = timedelta(days=1)
+
+
+def schedule_expiry(when: timedelta | crontab) -> int:
+    """Seconds after beat sends it that a copy of a task scheduled ``when`` is dropped unstarted: its interval, or a
+    day for a crontab (every one listed here runs daily)."""
+    return int((when if isinstance(when, timedelta) else DAILY).total_seconds())
+
+
 def _stored(row: IntervalSchedule | CrontabSchedule) -> IntervalSchedule | CrontabSchedule:
     # from_schedule() finds a matching row or returns an unsaved new one.
     if row.pk is None:
@@ -63,7 +80,11 @@ class Command(BaseCommand):
             else:
                 timing = _stored(CrontabSchedule.from_schedule(when))
                 fields = {"crontab": timing, "interval": None}
+            fields["expire_seconds"] = schedule_expiry(when)
             _, created = PeriodicTask.objects.update_or_create(
                 name=name, defaults={"task": task, **fields}, create_defaults={"task": task, "enabled": True, **fields}
             )
-            self.stdout.write(f"{name}: {'created' if created else 'updated'} ({task}, {timing})")
+            self.stdout.write(
+                f"{name}: {'created' if created else 'updated'} ({task}, {timing}, "
+                f"a copy expires after {fields['expire_seconds']} s)"
+            )
