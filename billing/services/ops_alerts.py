@@ -47,7 +47,13 @@ from providers.fields import UNREADABLE, SecretUrl, UnreadableSecretUrl
 from providers.models import BreakerOverride, CatalogModel, Deployment, Incident
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_states
-from providers.services.incidents import BREAKER_REASON, incident_alert_recipients, incident_close, incident_open
+from providers.services.incidents import (
+    BREAKER_REASON,
+    incident_alert_recipients,
+    incident_close,
+    incident_open,
+    incidents_out_of_service_close,
+)
 
 from ..exceptions import QuotaExceededError
 from ..models import (
@@ -743,13 +749,6 @@ def _gone_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, becaus
         )
 
 
-# Why the evaluator closes a deployment's breaker incident that is no recovery: an admin took it out of service.
-_OUT_OF_SERVICE = {
-    "enabled": "the deployment was disabled by an admin",
-    "model__enabled": "its model was disabled by an admin",
-    "provider__enabled": "its provider was disabled by an admin",
-    "breaker_override": "its breaker was forced open by an admin",
-}
 # The deployments requests reach (routing leaves out those of a disabled model or provider), and no admin forced
 # open: the others' breaker incidents are closed as taken out of service, and none is opened for them.
 _IN_SERVICE = Q(enabled=True, model__enabled=True, provider__enabled=True)
@@ -758,31 +757,10 @@ _IN_SERVICE = Q(enabled=True, model__enabled=True, provider__enabled=True)
 def _out_of_service_close(*, now: datetime, evaluation: Evaluation) -> None:
     """Close the breaker incidents of deployments an admin took out of service (disabled, their model or their
     provider disabled, their breaker forced open): no request reaches them, so nothing would ever close the
-    incident, and its page would never resolve. Told as closed by an admin, not as back up."""
-    out = Incident.objects.filter(ended_at__isnull=True, reason=BREAKER_REASON).filter(
-        Q(deployment__enabled=False)
-        | Q(deployment__model__enabled=False)
-        | Q(deployment__provider__enabled=False)
-        | Q(deployment__breaker_override=BreakerOverride.OPEN)
-    )
-    for deployment_id, name, enabled, model_enabled, provider_enabled in out.values_list(
-        "deployment_id",
-        "deployment__name",
-        "deployment__enabled",
-        "deployment__model__enabled",
-        "deployment__provider__enabled",
-    ):
-        why = (
-            "enabled"
-            if not enabled
-            else "model__enabled"
-            if not model_enabled
-            else "provider__enabled"
-            if not provider_enabled
-            else "breaker_override"
-        )
-        if incident_close(deployment_id=deployment_id, at=now, because=_OUT_OF_SERVICE[why]) is not None:
-            evaluation.cleared.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
+    incident, and its page would never resolve. Told as closed by an admin, not as back up
+    (``providers.services.incidents.incidents_out_of_service_close``)."""
+    for name in incidents_out_of_service_close(at=now, breaker_incidents=True):
+        evaluation.cleared.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
 
 
 def _forced_closed_follow(*, now: datetime, evaluation: Evaluation) -> None:

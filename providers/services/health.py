@@ -37,7 +37,7 @@ from ..routing.breaker_machine import CLOSED, OPEN
 from ..routing.breakers import breaker_force, breaker_reset, breaker_state
 from ..selectors import catalog_cache, provider_config, resolved_deployment, resolved_model
 from ..types import HealthResult, ProviderConfig, ResolvedModel
-from .incidents import incident_close, incident_open
+from .incidents import incident_close, incident_open, incidents_out_of_service_close
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,9 @@ def health_check_round(*, providers: Sequence[Provider]) -> list[ProviderRound]:
     or from a one-token completion when ``paid_health_probe`` is set), its breaker is opened or closed,
     and its incident opened or closed. A provider that cannot be checked (its adapter raised something
     that is not an upstream failure) has the exception in its ``result`` and its row shows it as failing
-    (``provider_health_unchecked``); its deployments' rows are left as they were."""
+    (``provider_health_unchecked``); its deployments' rows are left as they were. The open incidents of deployments
+    an admin took out of service (disabled, or their model or provider), which no round probes, are closed, told as
+    such (``incidents_out_of_service_close``)."""
     work = [(provider_config(provider), _targets(provider)) for provider in providers]
     outcomes = run_async(_round, work)
     rounds: list[ProviderRound] = []
@@ -361,6 +363,7 @@ def health_check_round(*, providers: Sequence[Provider]) -> list[ProviderRound]:
         for probe in probes:
             deployment_probe_record(probe=probe)
         rounds.append(ProviderRound(provider, result, probes))
+    incidents_out_of_service_close(at=timezone.now())
     health_checks_prune()
     return rounds
 

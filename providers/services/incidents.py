@@ -30,13 +30,14 @@ import httpx2
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.timesince import timesince
 
 from core.mail import mail_send_within
 from core.outbox import Delivery, DeliveryState, deliveries_unsent, delivery_done, delivery_release, task_queue
 
-from ..models import Deployment, Incident
+from ..models import BreakerOverride, Deployment, Incident
 from ..outbound import OutboundRefused, outbound_sync_client
 
 
@@ -93,6 +94,54 @@ def incident_close(
         incident.save(update_fields=["ended_at", "ended_because", "delivery"])
         transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.RECOVERED), robust=True)
     return incident
+
+
+# Why a deployment's incident is closed, not recovered, when an admin took the deployment out of service.
+OUT_OF_SERVICE = {
+    "enabled": "the deployment was disabled by an admin",
+    "model__enabled": "its model was disabled by an admin",
+    "provider__enabled": "its provider was disabled by an admin",
+    "breaker_override": "its breaker was forced open by an admin",
+}
+
+
+def incidents_out_of_service_close(*, at: datetime, breaker_incidents: bool = False) -> list[str]:
+    """Close the open incidents of deployments an admin took out of service, each told once as closed, not
+    recovered, saying why (``OUT_OF_SERVICE``); the names of their deployments.
+
+    By default (the health round) every incident of a deployment disabled, or whose model or provider is disabled:
+    the round probes none of them, so no probe would ever close it (until 7 December a provider disabled during its
+    outage, an operator's first answer to it, left its deployments' incidents open for good). With
+    ``breaker_incidents`` (the operations alerts' evaluator) only the incidents it opened from a breaker
+    (``BREAKER_REASON``), and those of a deployment whose breaker an admin forced open too: no request reaches it,
+    and requests are what close such an incident."""
+    taken_out = (
+        Q(deployment__enabled=False) | Q(deployment__model__enabled=False) | Q(deployment__provider__enabled=False)
+    )
+    out = Incident.objects.filter(ended_at__isnull=True)
+    if breaker_incidents:
+        out = out.filter(reason=BREAKER_REASON)
+        taken_out |= Q(deployment__breaker_override=BreakerOverride.OPEN)
+    closed = []
+    for deployment_id, name, enabled, model_enabled, provider_enabled in out.filter(taken_out).values_list(
+        "deployment_id",
+        "deployment__name",
+        "deployment__enabled",
+        "deployment__model__enabled",
+        "deployment__provider__enabled",
+    ):
+        why = (
+            "enabled"
+            if not enabled
+            else "model__enabled"
+            if not model_enabled
+            else "provider__enabled"
+            if not provider_enabled
+            else "breaker_override"
+        )
+        if incident_close(deployment_id=deployment_id, at=at, because=OUT_OF_SERVICE[why]) is not None:
+            closed.append(name)
+    return closed
 
 
 def deployment_incidents_keep(*, deployment_id: int, because: str, at: datetime) -> None:
