@@ -28,6 +28,7 @@ from tests.waiting import wait_until
 
 ROLLUP = "billing.tasks.usage_rollup"  # every 10 minutes
 RETENTION = "billing.tasks.ledger_retention"  # daily
+LOST_SWEEP = "billing.tasks.reservations_lost_settle"  # every 30 seconds
 
 
 def beat_sends(task: str, *, queue: str, ago: timedelta) -> None:
@@ -49,13 +50,17 @@ def test_copies_beat_sent_while_no_worker_ran_are_dropped_and_a_current_one_runs
     # Sent within their interval: still due, so they run.
     beat_sends(ROLLUP, queue=queue, ago=timedelta(minutes=8))
     beat_sends(RETENTION, queue=queue, ago=timedelta(hours=22))
+    # Past its 30 seconds, within the 5 minutes every copy is given: a worker whose clock is ahead of beat's reads
+    # a copy sent now as this old, and dropped every one.
+    beat_sends(LOST_SWEEP, queue=queue, ago=timedelta(minutes=4))
+    current = {ROLLUP, RETENTION, LOST_SWEEP}
 
     def current_ones_ran() -> bool:
-        return TaskRun.objects.filter(task__in=[ROLLUP, RETENTION]).count() == 2
+        return TaskRun.objects.filter(task__in=current).count() == len(current)
 
     wait_until(current_ones_ran, lambda: f"the current copies run; its log:\n{log_path.read_text()}", timeout=90)
     # The queue is first in, first out: the stale copies, sent before, were taken before them, and none ran (a run
-    # is recorded whatever its outcome). Before, each ran: one TaskRun row a task, the two above run twice.
+    # is recorded whatever its outcome). Before, each ran: one TaskRun row a task, the current ones run twice.
     ran = {run.task: run for run in TaskRun.objects.all()}
-    assert set(ran) == {ROLLUP, RETENTION}, sorted(ran)
+    assert set(ran) == current, sorted(ran)
     assert all(run.succeeded for run in ran.values())

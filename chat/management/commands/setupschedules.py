@@ -53,12 +53,15 @@ SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
 
 # The daily runs (a crontab): a copy a worker takes within the day still runs, late; the next day's replaces it.
 DAILY = timedelta(days=1)
+# The least expiry: the message's expiry is an instant of beat's clock, read by the worker's, so a worker whose
+# clock is ahead of beat's by more than the expiry would drop every copy (a 30-second sweep, 40 seconds of skew).
+EXPIRY_AT_LEAST = timedelta(minutes=5)
 
 
 def schedule_expiry(when: timedelta | crontab) -> int:
-    """Seconds after beat sends it that a copy of a task scheduled ``when`` is dropped unstarted: its interval, or a
-    day for a crontab (every one listed here runs daily)."""
-    return int((when if isinstance(when, timedelta) else DAILY).total_seconds())
+    """Seconds after beat sends it that a copy of a task scheduled ``when`` is dropped unstarted: its interval (at
+    least ``EXPIRY_AT_LEAST``), or a day for a crontab (every one listed here runs daily)."""
+    return int(max(when if isinstance(when, timedelta) else DAILY, EXPIRY_AT_LEAST).total_seconds())
 
 
 def _stored(row: IntervalSchedule | CrontabSchedule) -> IntervalSchedule | CrontabSchedule:
