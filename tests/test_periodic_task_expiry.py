@@ -64,3 +64,22 @@ def test_copies_beat_sent_while_no_worker_ran_are_dropped_and_a_current_one_runs
     ran = {run.task: run for run in TaskRun.objects.all()}
     assert set(ran) == current, sorted(ran)
     assert all(run.succeeded for run in ran.values())
+
+
+@pytest.mark.django_db
+def test_an_admins_end_date_is_kept_and_the_other_schedules_get_their_expiry():
+    """django-celery-beat refuses a row with both an end date (``expires``) and an expiry; an admin's end date stays,
+    and ``setupschedules`` still writes every other schedule (it failed whole on that row)."""
+    call_command("setupschedules", stdout=io.StringIO())
+    ends = timezone.now() + timedelta(days=30)
+    PeriodicTask.objects.filter(task=ROLLUP).update(expires=ends, expire_seconds=None)
+    PeriodicTask.objects.exclude(task=ROLLUP).update(expire_seconds=None)
+
+    call_command("setupschedules", stdout=io.StringIO())
+
+    rollup = PeriodicTask.objects.get(task=ROLLUP)
+    assert (rollup.expires, rollup.expire_seconds) == (ends, None)
+    expiries = dict(PeriodicTask.objects.exclude(task=ROLLUP).values_list("task", "expire_seconds"))
+    assert expiries[LOST_SWEEP] == 300 and expiries[RETENTION] == 86_400
+    assert expiries["providers.tasks.providers_health_check_all"] == 300
+    assert None not in expiries.values()

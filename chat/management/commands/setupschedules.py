@@ -83,7 +83,10 @@ class Command(BaseCommand):
             else:
                 timing = _stored(CrontabSchedule.from_schedule(when))
                 fields = {"crontab": timing, "interval": None}
-            fields["expire_seconds"] = schedule_expiry(when)
+            # An admin's end date for the task (``expires``, an instant) is theirs to keep; django-celery-beat refuses
+            # a row with both.
+            ends = PeriodicTask.objects.filter(name=name).values_list("expires", flat=True).first()
+            fields["expire_seconds"] = None if ends else schedule_expiry(when)
             _, created = PeriodicTask.objects.update_or_create(
                 name=name, defaults={"task": task, **fields}, create_defaults={"task": task, "enabled": True, **fields}
             )
