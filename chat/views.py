@@ -13,6 +13,8 @@ from django.views.decorators.cache import cache_control
 from accounts.roles import CAPABILITIES, Capability, request_role
 from billing.selectors import models_catalog_for
 
+from .consumers import MAX_CONTENT_CHARS
+
 
 @login_required
 async def chat_page(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
@@ -51,6 +53,9 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
         "own_key_providers": " or ".join(dict.fromkeys(p for entry in entries for p in entry.own_key_providers)),
         "badge": first_usable["provider"] if first_usable else "",
         "conversation_id": conversation_id,
+        # The longest message the socket takes: the page refuses a longer one itself, a frame past the server's
+        # WebSocket limit closing the socket unanswered (docs/deployment.md).
+        "max_content_chars": MAX_CONTENT_CHARS,
         "page": "chat",
     }
     return render(request, "chat/chat.html", context)

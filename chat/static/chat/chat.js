@@ -45,6 +45,12 @@
     stop: $("stop"),
   };
 
+  // The longest message the socket takes (chat/consumers.py's MAX_CONTENT_CHARS), in characters as the server counts
+  // them: code points, where JavaScript's length counts a character outside the BMP (an emoji) twice.
+  const MAX_CONTENT_CHARS = Number(el.prompt.dataset.maxChars) || 100000;
+  const SURROGATE_PAIR = /[\uD800-\uDBFF][\uDC00-\uDFFF]/g;
+  const charCount = (text) => text.length - (text.match(SURROGATE_PAIR) || []).length;
+
   const state = {
     socket: null,
     socketOpen: false,
@@ -471,6 +477,16 @@
     if (!text.trim() || streamOnScreen()) return;
     if (state.forbidden) {
       showComposerError(state.lastError || "Your account may no longer chat.");
+      return;
+    }
+    // Checked here, not left to the server: a message past the server's WebSocket limit (1.25 MiB) closes the socket
+    // unanswered, and the page would only say that the connection dropped, to send it again (docs/deployment.md).
+    const length = text.length > MAX_CONTENT_CHARS ? charCount(text) : text.length;
+    if (length > MAX_CONTENT_CHARS) {
+      showComposerError(
+        `This message is ${length.toLocaleString("en-US")} characters long; a message may have at most ` +
+          `${MAX_CONTENT_CHARS.toLocaleString("en-US")}. Shorten it, or send it in parts.`,
+      );
       return;
     }
     if (!state.socketOpen) {
