@@ -56,7 +56,9 @@ A/B experiment, as REST's ``x-llmhub-experiment``, else null); a reply that fail
 ``chat.started`` with ``deployment`` null, then its ``error``. An ``error`` after ``chat.started`` ends the
 reply and keeps what was written (status ``error``). A ``chat.send`` refused by the pipeline (unknown model, one outside
 the plan or the key's models, bad input, no budget, rate limited) gets an ``error`` and, as on REST, a
-``rejected`` ledger row; one refused by this socket's own checks (a field of the wrong type) or because its
+``rejected`` ledger row (a model outside the plan or the key's models is answered to a socket signed in with a key or
+token as /v1 answers it, ``model_not_found`` like an unknown one; the chat page's, a browser session's, names the
+plan); one refused by this socket's own checks (a field of the wrong type) or because its
 conversation is busy gets an ``error`` only.
 
 A key reaches only the conversations started by itself or by the keys created under it, unless it holds the
@@ -94,7 +96,7 @@ from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUn
 from core.text import has_lone_surrogate
 
 from .callers import caller_role_recheck
-from .pipeline import Caller, caller_from_api_key, caller_from_user, shutdown_began
+from .pipeline import Caller, caller_from_api_key, caller_from_user, refusal_as_unknown_model, shutdown_began
 from .services_turn import (
     ChatTurn,
     TurnCancelled,
@@ -533,9 +535,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 )
         elif isinstance(event, TurnFailed):
             exc = event.error
-            # The page (a browser session) has a model menu where the API has GET /v1/models: the refusal in its
-            # words when the error has them.
-            message = getattr(exc, "page_message", exc.message) if self.session_key is not None else exc.message
+            if self.session_key is not None:
+                # The page (a browser session) has a model menu where the API has GET /v1/models: the refusal in its
+                # words when the error has them (a model outside the plan: the menu shows it locked).
+                message = getattr(exc, "page_message", exc.message)
+            else:
+                # A program (a gateway key, a JWT), answered as on /v1: a model its plan or key excludes as one that
+                # does not exist, or the answer would tell a key which models exist. The ledger row says why.
+                exc = refusal_as_unknown_model(exc, stream.turn.model_name)
+                message = exc.message
             await self._send_error(message, code=exc.code, request_id=request_id, exc=exc)
 
     def _forget(self, stream: _Stream) -> None:

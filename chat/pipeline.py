@@ -933,8 +933,15 @@ def model_refused_as_unknown(name: Any) -> Iterator[None]:
     a 403 would tell a key which models exist. Raised after the rejected ledger row, which says why."""
     try:
         yield
-    except ModelNotAllowedError:
-        raise model_not_found(name) from None
+    except ModelNotAllowedError as exc:
+        raise refusal_as_unknown_model(exc, name) from None
+
+
+def refusal_as_unknown_model(exc: ApplicationError, name: Any) -> ApplicationError:
+    """``exc`` as an API client is answered it (``model_refused_as_unknown``): a model the plan or key excludes as
+    one that does not exist; any other refusal as it is. For a refusal reported rather than raised: the chat
+    socket's, signed in with a key or a token (a program, as on /v1; the chat page's names the plan)."""
+    return model_not_found(name) if isinstance(exc, ModelNotAllowedError) else exc
 
 
 async def model_for_estimate(*, caller: Caller, name: Any, operation: str) -> ResolvedModel:

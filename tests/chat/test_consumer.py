@@ -425,7 +425,8 @@ async def test_model_outside_the_keys_allow_list_is_refused(alice, chat_model, s
     await ws.receive_json_from(timeout=5)
     await send(ws, content="hi", model=chat_model)
     error = await ws.receive_json_from(timeout=5)
-    assert (error["type"], error["code"], error["request_id"]) == ("error", "model_not_allowed", "r1")
+    # Answered as a model that does not exist, as on /v1 (tests/chat/test_ws_model_access.py); the row says why.
+    assert (error["type"], error["code"], error["request_id"]) == ("error", "model_not_found", "r1")
     assert await Conversation.objects.acount() == 0
     await ledger_flush()
     assert await UsageRecord.objects.filter(status="rejected", endpoint="websocket").aexists()
