@@ -679,6 +679,7 @@
     if (document.visibilityState !== "visible") return;
     reconnectNow();
     refreshFromServer();
+    refreshOpenConversation();
   });
 
   /* Conversations ------------------------------------------------------------------------------ */
@@ -740,6 +741,25 @@
       return; // offline, or the server restarting: the next return to the page tries again
     }
     renderSidebar();
+  }
+
+  /* The conversation on screen, as another tab or window may have added to it (a turn taken there): drawn again when
+     the server's newest message is not on screen, so that the transcript is the history the next message is sent
+     with. Not while a reply of this tab streams into it (the server refuses another turn meanwhile). */
+  async function refreshOpenConversation() {
+    const id = state.currentId;
+    if (id === null || streamOnScreen()) return;
+    const token = state.loadToken;
+    let data;
+    try {
+      data = await api(`/api/conversations/${id}/`);
+    } catch (error) {
+      return; // deleted (a send says so), offline, or the server restarting: the next return tries again
+    }
+    if (token !== state.loadToken || state.currentId !== id || streamOnScreen()) return;
+    const newest = data.messages[data.messages.length - 1];
+    if (!newest || el.messages.querySelector(`.message[data-message-id="${newest.id}"]`)) return;
+    openConversation(id, { push: false });
   }
 
   function refreshModels(catalog) {
