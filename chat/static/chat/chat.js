@@ -63,6 +63,7 @@
     currentId: null, // the conversation on screen; null for a new chat
     newChatRequest: null, // request_id of a new chat's first reply, until the server gives it an id
     streams: new Map(), // request_id -> {requestId, conversationId, messageId, text, userText, userView, view, ...}
+    ended: new Set(), // request_ids of the latest replies that ended here (endStream): a late answer about one is moot
     loadToken: 0,
     refused: new Map(), // conversation id (null: a new chat) -> {text, message} of a send refused while away
     renaming: false, // a title being typed in the list: redraws wait for it (renderSidebar)
@@ -375,13 +376,23 @@
     return box.textContent.replace(/\s+/g, " ").trim();
   }
 
+  /* A reply ends on the page. Its id is kept a while (the latest ENDED_KEPT): Stop pressed as the reply ended sends a
+     cancel the server answers, once done with the reply, with a not_found that only says it had ended already. */
+  const ENDED_KEPT = 50;
+
+  function endStream(stream) {
+    state.streams.delete(stream.requestId);
+    if (state.newChatRequest === stream.requestId) state.newChatRequest = null;
+    state.ended.add(stream.requestId);
+    if (state.ended.size > ENDED_KEPT) state.ended.delete(state.ended.values().next().value);
+  }
+
   function finishStream(stream, status, { error, usage, finishReason } = {}) {
     // The last chunks may have queued a repaint for the next frame. It would run after the final paint
     // below and show the reply as unfinished again: without highlighting until a reload.
     cancelAnimationFrame(stream.frame);
     stream.frame = 0;
-    state.streams.delete(stream.requestId);
-    if (state.newChatRequest === stream.requestId) state.newChatRequest = null;
+    endStream(stream);
     if (stream.view) {
       const follow = nearBottom();
       stream.view.messageId = stream.messageId;
@@ -405,8 +416,7 @@
      user has gone to another conversation, it waits for them there (giveBackRefused), and a toast says so. */
   function refuseSend(stream, message) {
     cancelAnimationFrame(stream.frame);
-    state.streams.delete(stream.requestId);
-    if (state.newChatRequest === stream.requestId) state.newChatRequest = null;
+    endStream(stream);
     if (stream.view) {
       if (stream.userView) stream.userView.root.remove();
       stream.view.root.remove();
@@ -592,6 +602,7 @@
         if (stream) finishStream(stream, "cancelled", { usage: event.usage });
         break;
       case "error":
+        if (!stream && event.code === "not_found" && state.ended.has(event.request_id)) break; // a late Stop's answer
         state.lastError = event.message;
         if (!stream) toast(event.message);
         else if (stream.messageId !== null) finishStream(stream, "error", { error: event.message });
