@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from providers.models import ProviderCredential
-from tests.factories import UserFactory
 from tests.migrating import latest, migrate, migrated_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -15,10 +14,10 @@ BEFORE = [("providers", "0019_tasks2_credential_invalid_notice_due")]
 
 
 def test_stored_keys_are_agreed_for_their_providers_host_of_then():
-    owner = UserFactory()
     with migrated_to(BEFORE) as apps:
         Provider = apps.get_model("providers", "Provider")
         Credential = apps.get_model("providers", "ProviderCredential")
+        owner = apps.get_model("auth", "User").objects.create(username="owner")
         proxy = Provider.objects.create(name="proxy", kind="openai", base_url="https://Proxy.example.com:8443/v1")
         default = Provider.objects.create(name="default", kind="openai", base_url="")
         for provider in (proxy, default):
