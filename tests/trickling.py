@@ -1,7 +1,7 @@
 """Servers that answer a byte at a time, for the tests of the deadlines on a whole delivery: every read of the
 client gets a byte well within any per-read timeout, so only a bound on the whole exchange cuts it.
 ``TricklingServer`` is the socket server they share (accept, count, trickle an answer); ``TricklingMailServer``
-speaks SMTP, ``TricklingWebhook`` answers one HTTP POST."""
+speaks SMTP, ``TricklingHttp`` answers an HTTP request (``TricklingWebhook``: one POST)."""
 
 from __future__ import annotations
 
@@ -87,15 +87,11 @@ class TricklingMailServer(TricklingServer):
                 self._answer(conn, b"250 ok\r\n")
 
 
-class TricklingWebhook(TricklingServer):
-    """A webhook receiver that reads the POST's head and trickles ``200 ok`` (about 3 s at the default pause).
-    ``accepted``: the answers it sent in full."""
+class TricklingHttp(TricklingServer):
+    """An HTTP server that reads a request's head and trickles ``answer`` (a whole response) back. ``accepted``: the
+    answers it sent in full."""
 
-    ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/services/T000/B000/trickle"
+    answer: bytes
 
     def _session(self, conn: socket.socket) -> None:
         received = b""
@@ -104,5 +100,15 @@ class TricklingWebhook(TricklingServer):
             if not chunk:
                 return
             received += chunk
-        self._answer(conn, self.ANSWER)
+        self._answer(conn, self.answer)
         self.accepted += 1
+
+
+class TricklingWebhook(TricklingHttp):
+    """A webhook receiver that reads the POST's head and trickles ``200 ok`` (about 3 s at the default pause)."""
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/services/T000/B000/trickle"

@@ -5,18 +5,16 @@ the requests waiting for that fetch are answered."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from accounts.exceptions import JwtRefused
 from accounts.jwt import jwks_cache, jwt_claims_verify, jwt_config
-from tests.trickling import TricklingServer
+from tests.trickling import TricklingHttp
 
 
-class TricklingJwks(TricklingServer):
-    """An identity provider that reads a GET's head and trickles a valid JWKS (``jwks``) back. ``accepted``: the
-    answers it sent in full."""
+class TricklingJwks(TricklingHttp):
+    """An identity provider that reads a GET's head and trickles a valid JWKS (``jwks``) back."""
 
     def __init__(self, jwks: dict[str, object], pause: float) -> None:
         body = json.dumps(jwks).encode()
@@ -27,16 +25,6 @@ class TricklingJwks(TricklingServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/jwks.json"
-
-    def _session(self, conn: socket.socket) -> None:
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            received += chunk
-        self._answer(conn, self.answer)
-        self.accepted += 1
 
 
 @pytest.fixture
