@@ -2,7 +2,8 @@
 the SSE body's bytes, each ``data:`` payload, the chunks, the request's id and the tool call pieces. For the tests of
 what llmhub makes of an upstream's stream, whether the fake upstream's markers shape it (``[[nulls=...]]``,
 ``[[arguments=object]]``) or it is the bytes a test gives (``raw_directive``): httpx, not the SDK, so that the test
-sees the bytes relayed and a stream that ends without ``[DONE]``."""
+sees the bytes relayed and a stream that ends without ``[DONE]``. And any entry point's stream read as its SSE events
+(``sse_events``)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,25 @@ class ChatStream:
     def chunks(self) -> list[Any]:
         """The events but ``[DONE]``, decoded: the chunks, and an error event where the stream failed."""
         return [json.loads(payload) for payload in self.payloads if payload != b"[DONE]"]
+
+
+def sse_events(
+    gateway, path: str, body: dict, headers: dict, *, timeout: float = 30
+) -> tuple[httpx.Response, list[tuple[str | None, str]]]:
+    """A stream of ``path`` (``body`` with ``stream`` on) as its events came over the wire: (event name, data) each;
+    raises if the connection was cut."""
+    events: list[tuple[str | None, str]] = []
+    name = None
+    with httpx.stream(
+        "POST", gateway.url + path, json={**body, "stream": True}, headers=headers, timeout=timeout
+    ) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, line[6:]))
+                name = None
+    return reply, events
 
 
 def chat_stream(gateway, content: str, **extra: Any) -> ChatStream:

@@ -21,6 +21,7 @@ from aiohttp import web
 from billing.models import UsageRecord
 from providers.adapters.openai_shape import StreamShape
 from tests.factories import ModelFactory, ProviderFactory
+from tests.gateway.chat_streams import sse_events
 from tests.loopback_http import AiohttpThreadServer
 from tests.waiting import wait_for_record
 
@@ -72,20 +73,6 @@ def odd_model(gateway, odd_upstream, bug_of_ours):
     return ModelFactory(name="odd-model", provider=provider, upstream_id="odd")
 
 
-def stream(gateway, path: str, body: dict, headers: dict) -> tuple[httpx.Response, list[tuple[str | None, str]]]:
-    """The SSE events as they came over the wire (event name, data); raises if the connection was cut."""
-    events: list[tuple[str | None, str]] = []
-    name = None
-    with httpx.stream("POST", gateway.url + path, json={**body, "stream": True}, headers=headers, timeout=20) as reply:
-        for line in reply.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, line[6:]))
-                name = None
-    return reply, events
-
-
 def assert_logged_once(caplog, reply: httpx.Response, gateway) -> None:
     request_id = reply.headers["x-request-id"]
     failures = [r for r in caplog.records if "internal_error" in r.getMessage() and request_id in r.getMessage()]
@@ -100,7 +87,7 @@ def test_chat_completions_ends_with_an_in_band_internal_error(gateway, odd_model
     caplog.set_level(logging.ERROR)
     headers = {"authorization": f"Bearer {gateway.key}"}
     body = {"model": "odd-model", "messages": [{"role": "user", "content": "hi"}]}
-    reply, events = stream(gateway, "/v1/chat/completions", body, headers)
+    reply, events = sse_events(gateway, "/v1/chat/completions", body, headers)
     assert reply.status_code == 200
     assert json.loads(events[0][1])["choices"][0]["delta"]["content"] == "Hello"
     error = json.loads(events[-1][1])["error"]
@@ -113,7 +100,7 @@ def test_messages_ends_with_an_error_event(gateway, odd_model, caplog):
     caplog.set_level(logging.ERROR)
     headers = {"x-api-key": gateway.key, "anthropic-version": "2023-06-01"}
     body = {"model": "odd-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
-    reply, events = stream(gateway, "/v1/messages", body, headers)
+    reply, events = sse_events(gateway, "/v1/messages", body, headers)
     assert reply.status_code == 200
     name, data = events[-1]
     assert name == "error" and json.loads(data) == {
@@ -127,7 +114,7 @@ def test_messages_ends_with_an_error_event(gateway, odd_model, caplog):
 def test_responses_ends_with_response_failed(gateway, odd_model, caplog):
     caplog.set_level(logging.ERROR)
     headers = {"authorization": f"Bearer {gateway.key}"}
-    reply, events = stream(gateway, "/v1/responses", {"model": "odd-model", "input": "hi"}, headers)
+    reply, events = sse_events(gateway, "/v1/responses", {"model": "odd-model", "input": "hi"}, headers)
     assert reply.status_code == 200
     name, data = events[-1]
     assert name == "response.failed"

@@ -10,11 +10,11 @@ import json
 from collections.abc import Iterator
 from decimal import Decimal
 
-import httpx
 import pytest
 from aiohttp import web
 
 from tests.factories import ModelFactory, ProviderFactory
+from tests.gateway.chat_streams import sse_events
 from tests.loopback_http import AiohttpThreadServer
 from tests.waiting import wait_for_record
 
@@ -82,16 +82,8 @@ def pinging_model(gateway, pinging_upstream):
 
 def events_of(gateway, path: str, body: dict, headers: dict) -> tuple[str, list[tuple[str | None, str]]]:
     """The request id and the SSE events as they came over the wire (event name, data)."""
-    events: list[tuple[str | None, str]] = []
-    name = None
-    with httpx.stream("POST", gateway.url + path, json={**body, "stream": True}, headers=headers, timeout=30) as reply:
-        assert reply.status_code == 200
-        for line in reply.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, line[6:]))
-                name = None
+    reply, events = sse_events(gateway, path, body, headers)
+    assert reply.status_code == 200
     return reply.headers["x-request-id"], events
 
 
