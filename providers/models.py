@@ -672,6 +672,28 @@ class ProviderCredential(models.Model):
         return self.status_detail
 
 
+class HostMoveNotice(models.Model):
+    """The email telling a key's owner that one move of its provider to another host paused the key: claimed before
+    it is sent and recorded sent after (``core.outbox``, as the alerts' deliveries), so that whatever runs the move's
+    emails again (the fan-out's retry, a re-run) sends each owner theirs once. Made by the key's email task."""
+
+    credential = models.ForeignKey(ProviderCredential, on_delete=models.CASCADE, related_name="host_move_notices")
+    move = models.CharField(
+        max_length=64, help_text="The move that paused the key (an id given to each move of a provider)."
+    )
+    delivered = models.JSONField(default=list, blank=True, help_text='Deliveries made: "email".')
+    delivery = delivery_field()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["credential", "move"], name="one_host_move_notice_per_key_and_move")
+        ]
+
+    def __str__(self) -> str:
+        return f"move {self.move} notice of provider key {self.credential_id}"
+
+
 def host_moved_detail(provider: str, agreed: str, now: str) -> str:
     """Why a key is paused, in the words its owner sees on the page, the API, the email and a 403."""
     return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import smtplib
 from typing import Any
 
@@ -10,9 +11,14 @@ from celery import Task, shared_task
 from django.conf import settings
 
 from audit.context import AuditOrigin, audit_origin
+from core.outbox import delivery_failed
 
-from .models import CredentialStatus, ProviderCredential
+from .models import CredentialStatus, HostMoveNotice, ProviderCredential
 from .services.credentials import (
+    HOST_MOVE_EMAIL,
+    host_move_id,
+    host_move_notice_claim,
+    host_move_notices_unsent,
     provider_credential_host_moved_notify,
     provider_credential_invalid_notify,
     provider_credentials_revalidate,
@@ -27,6 +33,8 @@ __all__ = [
     "provider_credentials_revalidate_all",
     "provider_credentials_revalidate_selected",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class KeyNoticesNotSentError(Exception):
@@ -86,17 +94,26 @@ def provider_credentials_revalidate_selected(
 
 
 @shared_task(bind=True, max_retries=8)
-def provider_credential_host_moved_email(self: Task, credential_id: int, old_origin: str, new_origin: str) -> bool:
-    """Tell a key's owner that its provider's move from ``old_origin`` to ``new_origin`` paused it; retried
-    while the mail server fails. Nothing is sent for a key deleted, or no longer paused, since."""
+def provider_credential_host_moved_email(
+    self: Task, credential_id: int, old_origin: str, new_origin: str, move: str = ""
+) -> bool:
+    """Tell a key's owner that its provider's move from ``old_origin`` to ``new_origin`` (``move``) paused it, once:
+    claimed on the move's notice first, so that a copy of this task (the move's emails run again) sends nothing
+    twice; retried while the mail server fails (10 s doubling up to 10 minutes). Nothing is sent for a key
+    deleted, or no longer paused, since."""
     credential = ProviderCredential.objects.select_related("owner", "provider").filter(pk=credential_id).first()
     if credential is None or not credential.host_paused:
         return False
+    move = host_move_id(move, old_origin, new_origin)
+    notice_id = host_move_notice_claim(credential=credential, move=move)
+    if notice_id is None:
+        return False  # sent already, or being sent
     try:
         return provider_credential_host_moved_notify(
-            credential=credential, old_origin=old_origin, new_origin=new_origin
+            credential=credential, old_origin=old_origin, new_origin=new_origin, notice_id=notice_id
         )
     except (smtplib.SMTPException, OSError) as exc:
+        delivery_failed(self, HostMoveNotice, notice_id, HOST_MOVE_EMAIL, exc)
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
 
 
@@ -119,9 +136,27 @@ def provider_credential_invalid_email(self: Task, credential_id: int) -> bool:
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
 
 
-@shared_task
-def provider_credentials_host_moved_emails(credential_ids: list[int], old_origin: str, new_origin: str) -> int:
-    """A provider's move paused these keys: one email task each (``provider_credential_host_moved_email``)."""
-    for credential_id in credential_ids:
-        provider_credential_host_moved_email.delay(credential_id, old_origin, new_origin)
-    return len(credential_ids)
+@shared_task(bind=True, max_retries=5)
+def provider_credentials_host_moved_emails(
+    self: Task, credential_ids: list[int], old_origin: str, new_origin: str, move: str = ""
+) -> int:
+    """A provider's move paused these keys: one email task each (``provider_credential_host_moved_email``) for
+    those whose owner was not emailed about this move yet. A broker that refuses one of them has this task retried
+    for it and those after it (10 s doubling, 5 times); a run again (a retry, or the same message delivered again)
+    emails nobody twice. Returns how many were queued."""
+    move = host_move_id(move, old_origin, new_origin)
+    unsent = host_move_notices_unsent(credential_ids=credential_ids, move=move)
+    for index, credential_id in enumerate(unsent):
+        try:
+            provider_credential_host_moved_email.delay(credential_id, old_origin, new_origin, move)
+        except Exception as exc:  # kombu's OperationalError, or whatever else the publish met
+            left = unsent[index:]
+            logger.warning(
+                "the emails of %d provider key(s) paused by a move could not be queued (%s: %s); tried again",
+                len(left),
+                type(exc).__name__,
+                exc,
+            )
+            countdown = min(600, 10 * 2**self.request.retries)
+            raise self.retry(args=(left, old_origin, new_origin, move), exc=exc, countdown=countdown) from None
+    return len(unsent)

@@ -30,6 +30,20 @@ class MailDown(locmem.EmailBackend):
         raise smtplib.SMTPServerDisconnected("the mail server went away")
 
 
+class MailRefusingSome(locmem.EmailBackend):
+    """Django's test backend behind an SMTP server that refuses every message to the addresses in ``refused``
+    (the connection dropped while sending it) and takes the others; counts the refusals."""
+
+    refused: frozenset[str] = frozenset()
+    refusals = 0
+
+    def send_messages(self, messages):
+        if any(address in MailRefusingSome.refused for message in messages for address in message.recipients()):
+            MailRefusingSome.refusals += 1
+            raise smtplib.SMTPServerDisconnected("the mail server went away")
+        return super().send_messages(messages)
+
+
 class MailWhileSending(locmem.EmailBackend):
     """Django's test backend that, while it sends a message, first runs ``during`` once (another worker's task
     reaching the same notice at that moment), then sends."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ from audit.services import AuditEntry, audit_delete_recorded, audit_deletes_reco
 from core.async_bridge import run_async
 from core.exceptions import ApplicationError
 from core.id_batches import id_batches
+from core.outbox import DeliveryState, delivery_claim, delivery_done, delivery_release
 from core.time_limits import time_limit_reraise
 
 from ..adapters import adapter_class_for_kind
@@ -49,7 +51,15 @@ from ..exceptions import (
     ProviderUnavailableError,
 )
 from ..fields import Secret
-from ..models import ByokMode, CredentialStatus, Provider, ProviderCredential, ProviderKind, host_moved_detail
+from ..models import (
+    ByokMode,
+    CredentialStatus,
+    HostMoveNotice,
+    Provider,
+    ProviderCredential,
+    ProviderKind,
+    host_moved_detail,
+)
 from ..selectors import provider_config
 from ..types import ProviderConfig
 
@@ -440,9 +450,9 @@ class HostChange:
 def provider_host_change_record(*, provider: Provider, old_origin: str) -> HostChange:
     """After ``provider`` was moved from ``old_origin`` to another host: count the users' keys this pauses and
     resumes, audit it (``provider.host_change``), and tell each owner whose key it pauses by email, once (at
-    this move). The keys themselves need no write: a key is used only where its ``confirmed_origin`` is the
-    provider's host (``providers.byok.usable_credential``). Called by each path that moves a provider: the
-    admin's change form and the catalog file (``catalog_file.providers_load``)."""
+    this move, which gets an id of its own: ``HostMoveNotice``). The keys themselves need no write: a key is used
+    only where its ``confirmed_origin`` is the provider's host (``providers.byok.usable_credential``). Called by
+    each path that moves a provider: the admin's change form and the catalog file (``catalog_file.providers_load``)."""
     new_origin = provider.origin
     if new_origin == old_origin:
         return HostChange(0, 0)
@@ -455,27 +465,64 @@ def provider_host_change_record(*, provider: Provider, old_origin: str) -> HostC
         changes={"host": [old_origin, new_origin], "keys_paused": [None, len(paused)], "keys_resumed": [None, resumed]},
     )
     if paused:
-        transaction.on_commit(partial(_host_moved_queue, paused, old_origin, new_origin), robust=True)
+        move = uuid.uuid4().hex
+        transaction.on_commit(partial(_host_moved_queue, paused, old_origin, new_origin, move), robust=True)
     return HostChange(len(paused), resumed)
 
 
-def _host_moved_queue(credential_ids: list[int], old_origin: str, new_origin: str) -> None:
+def _host_moved_queue(credential_ids: list[int], old_origin: str, new_origin: str, move: str) -> None:
     # After commit, one message for the whole move, which a worker splits into a task per key: a provider
     # holding thousands of users' keys is not moved by a request (or a load) that sends thousands of emails, or
     # publishes thousands of messages to a broker that may be slow; each email is retried on its own.
     from ..tasks_credentials import provider_credentials_host_moved_emails
 
     try:
-        provider_credentials_host_moved_emails.delay(credential_ids, old_origin, new_origin)
+        provider_credentials_host_moved_emails.delay(credential_ids, old_origin, new_origin, move)
     except Exception:  # the broker could not take it: the keys are paused either way (their page and API say so)
         logger.exception("the owners of %d provider key(s) could not be emailed about their pause", len(credential_ids))
 
 
-def provider_credential_host_moved_notify(*, credential: ProviderCredential, old_origin: str, new_origin: str) -> bool:
+# What a move's notice records once its email is sent (``HostMoveNotice.delivered``).
+HOST_MOVE_EMAIL = "email"
+
+
+def host_move_id(move: str, old_origin: str, new_origin: str) -> str:
+    """The move's id; for a message queued by a release that gave moves none, one made from the hosts (the same for
+    every message of that move)."""
+    return move or uuid.uuid5(uuid.NAMESPACE_URL, f"{old_origin} {new_origin}").hex
+
+
+def host_move_notices_unsent(*, credential_ids: list[int], move: str) -> list[int]:
+    """Those of ``credential_ids`` whose owner was not emailed about ``move`` yet, in their order: a run of the move's
+    emails again queues no task for the others."""
+    sent: set[int] = set()
+    for batch in id_batches(credential_ids):
+        notices = HostMoveNotice.objects.filter(move=move, credential_id__in=batch).values_list(
+            "credential_id", "delivered"
+        )
+        sent.update(credential_id for credential_id, delivered in notices if HOST_MOVE_EMAIL in delivered)
+    return [credential_id for credential_id in credential_ids if credential_id not in sent]
+
+
+def host_move_notice_claim(*, credential: ProviderCredential, move: str) -> int | None:
+    """The right to email ``credential``'s owner about ``move``: its notice's id, or None when that email was sent
+    already or another task is sending it (a claim younger than its lease, ``core.outbox.delivery_claim``)."""
+    notice, _ = HostMoveNotice.objects.get_or_create(credential=credential, move=move)
+    if not delivery_claim(HostMoveNotice, notice.pk, HOST_MOVE_EMAIL, delivered_field="delivered"):
+        return None
+    return notice.pk
+
+
+def provider_credential_host_moved_notify(
+    *, credential: ProviderCredential, old_origin: str, new_origin: str, notice_id: int
+) -> bool:
     """Tell the key's owner by email that their key is paused: its provider now sends requests to another host
-    than the one they gave it for. False when they have no address."""
+    than the one they gave it for; the move's notice ``notice_id`` (claimed, ``host_move_notice_claim``) recorded
+    sent. False when they have no address. An email that raises leaves the notice claimed, for the caller to
+    release (``core.outbox.delivery_failed``)."""
     owner = credential.owner
     if not owner.email:
+        delivery_release(HostMoveNotice, notice_id, HOST_MOVE_EMAIL, state=DeliveryState.NOBODY)
         return False
     provider = credential.provider.name
     label = f" ({credential.label})" if credential.label else ""
@@ -492,6 +539,7 @@ def provider_credential_host_moved_notify(*, credential: ProviderCredential, old
         from_email=None,
         recipient_list=[owner.email],
     )
+    delivery_done(HostMoveNotice, notice_id, HOST_MOVE_EMAIL, delivered_field="delivered")
     return True
 
 

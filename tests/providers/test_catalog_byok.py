@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import textwrap
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from django.core.management.base import CommandError
 
 from audit.models import AuditEvent
 from providers.models import ByokMode, Provider, ProviderCredential
-from providers.services.credentials import provider_credential_host_confirm
+from providers.services.credentials import provider_credential_host_confirm, provider_host_change_record
 from providers.tasks_credentials import provider_credential_host_moved_email
 from tests.factories import ProviderFactory, UserFactory
+from tests.mail import MailRefusingSome, MailWhileSending
 
 pytestmark = pytest.mark.django_db
 
@@ -197,3 +199,83 @@ def test_a_notice_for_a_key_confirmed_or_deleted_before_it_went_out_is_not_sent(
         provider_credential_host_moved_email.delay(credential.pk, "http://127.0.0.1:18080", "http://127.0.0.1:18090")
 
     assert mailoutbox == []
+
+
+def test_a_moves_emails_run_again_after_a_mail_failure_tell_only_the_owners_not_told_each_once(
+    mailoutbox, settings, django_capture_on_commit_callbacks
+):
+    """A move tells each owner whose key it paused once, whatever runs its emails again. The mail server refused the
+    second of three owners through every retry of their email; the move's message run again (the broker delivering
+    it again, a retry of its fan-out) then emailed the first and the third a second time, as nothing recorded who
+    had been told."""
+    settings.EMAIL_BACKEND = f"{MailRefusingSome.__module__}.MailRefusingSome"
+    MailRefusingSome.refused, MailRefusingSome.refusals = frozenset({"bob@example.com"}), 0
+    provider = ProviderFactory(name="moving", base_url="http://127.0.0.1:18080/v1", byok=ByokMode.OPTIONAL)
+    for name in ("alice", "bob", "carol"):
+        ProviderCredential.objects.create(
+            owner=UserFactory(username=name, email=f"{name}@example.com"),
+            provider=provider,
+            api_key=f"sk-{name}-key-0",
+            hint="x",
+        )
+    provider.base_url = "http://127.0.0.1:18090/v1"
+    provider.save()
+    with django_capture_on_commit_callbacks() as after_the_move:
+        provider_host_change_record(provider=provider, old_origin="http://127.0.0.1:18080")
+
+    for callback in after_the_move:
+        callback()
+
+    assert [m.to for m in mailoutbox] == [["alice@example.com"], ["carol@example.com"]]
+    assert MailRefusingSome.refusals == 9  # the first attempt and its 8 retries
+
+    MailRefusingSome.refused = frozenset()  # the mail server is back
+    for _ in range(2):
+        for callback in after_the_move:
+            callback()
+
+    assert sorted(m.to[0] for m in mailoutbox) == ["alice@example.com", "bob@example.com", "carol@example.com"]
+    assert "is paused" in mailoutbox[2].subject and "http://127.0.0.1:18090" in mailoutbox[2].body
+
+
+class _OnFirstRecord(logging.Handler):
+    """Runs ``then`` at the first record logged through it (a broker back once the refusal was logged)."""
+
+    def __init__(self, then) -> None:
+        super().__init__(logging.WARNING)
+        self.then = then
+
+    def emit(self, record: logging.LogRecord) -> None:
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+
+
+def test_a_broker_refusing_a_moves_emails_partway_has_the_rest_sent_by_the_retry_each_owner_once(
+    mailoutbox, settings, broker, django_capture_on_commit_callbacks
+):
+    """The broker went away while the move's emails were being queued (after the first owner's was sent): the
+    fan-out task failed there, and the second and third owners were never told. It is retried for the keys not
+    queued, and the first owner is not told twice."""
+    settings.EMAIL_BACKEND = f"{MailWhileSending.__module__}.MailWhileSending"
+    MailWhileSending.during = broker.down  # as the first email goes out
+    back = _OnFirstRecord(broker.up)  # the broker answers again once the refused queueing was logged
+    logging.getLogger("providers.tasks_credentials").addHandler(back)
+    provider = ProviderFactory(name="moving", base_url="http://127.0.0.1:18080/v1", byok=ByokMode.OPTIONAL)
+    for name in ("alice", "bob", "carol"):
+        ProviderCredential.objects.create(
+            owner=UserFactory(username=name, email=f"{name}@example.com"),
+            provider=provider,
+            api_key=f"sk-{name}-key-0",
+            hint="x",
+        )
+    provider.base_url = "http://127.0.0.1:18090/v1"
+    provider.save()
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            provider_host_change_record(provider=provider, old_origin="http://127.0.0.1:18080")
+    finally:
+        logging.getLogger("providers.tasks_credentials").removeHandler(back)
+
+    assert [m.to[0] for m in mailoutbox] == ["alice@example.com", "bob@example.com", "carol@example.com"]
+    assert back.then is None, "the broker never refused a queueing"
