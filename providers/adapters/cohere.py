@@ -13,9 +13,11 @@ output was withheld, which is what ``content_filter`` tells an OpenAI client); `
 provider, raised as one. Cohere cannot be told to call one tool a turn, so ``parallel_tool_calls: false`` is kept on
 the answer (its first call only, whole or streamed, ``max_tool_calls``), and a tool that is not a function (chat
 completions' free-form ``custom``) has no Cohere form: refused; nor has a tool message's part other than text (an
-image: Cohere's tool content is text or documents), refused naming it (``common.text_parts_only``), not dropped. A
-system, developer or assistant message's parts are text (an assistant's refusal too: its text is the turn's), as
-Cohere takes them: chat validation refuses any other before any translation (``chat.validation.ROLE_CONTENT_PARTS``).
+image: Cohere's tool content is text or documents), refused naming it (``common.text_parts_only``), not dropped;
+an image's data URL of a type Cohere does not read (PNG, JPEG, WEBP and GIF are its) is refused naming it too,
+before the call (``COHERE_IMAGE_URLS``, ``common.images_checked``). A system, developer or assistant message's parts
+are text (an assistant's refusal too: its text is the turn's), as Cohere takes them: chat validation refuses any
+other before any translation (``chat.validation.ROLE_CONTENT_PARTS``).
 ``reasoning_effort`` is Cohere's ``thinking`` (``_thinking``): its reasoning models think by default, ``none`` turns it
 off, another level is a ``token_budget``, Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking``
 content, streamed in ``content.thinking`` deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of
@@ -48,10 +50,12 @@ from .common import (
     TEXT_WITHOUT_LOGPROBS,
     TOOL_TEXT_REMEDY,
     BatchesAnswered,
+    ImageUrls,
     embedding_input_type,
     error_for_failure,
     error_for_status,
     http_request_hooks,
+    images_checked,
     in_batches,
     interruption_reason,
     max_tool_calls,
@@ -73,6 +77,10 @@ from .translate_anthropic import ANSWER_FLOOR, EFFORTS, THINKING_BUDGETS, thinki
 _PLACEHOLDER_KEY = "not-configured"
 EMBED_BATCH_LIMIT = 96  # texts in one v2/embed call
 _FAILURES = (ApiError, httpx.HTTPError, ValueError, OutboundRefused)
+# The images Cohere's vision models take (its image inputs guide: PNG, JPEG, WEBP and non-animated GIF, as a base64
+# data URL or an http(s) URL it fetches). A data URL of another type (text/html, a PDF, HEIC) is refused before the
+# call (``images_checked``), where Cohere answered its own 400 after it.
+COHERE_IMAGE_URLS = ImageUrls("Cohere", ("image/png", "image/jpeg", "image/gif", "image/webp"), fetches=True)
 
 FINISH_REASONS = {
     "COMPLETE": "stop",
@@ -410,6 +418,7 @@ def _message(message: dict[str, Any], where: str) -> dict[str, Any]:
 def cohere_request(body: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``AsyncClientV2.chat`` / ``chat_stream`` for an OpenAI chat body."""
     one_choice_only(body)  # Cohere's chat has no `n`
+    images_checked(body, COHERE_IMAGE_URLS)
     request: dict[str, Any] = {
         "model": body["model"],
         "messages": [

@@ -25,7 +25,9 @@ it without the flag with a 400 (``Expected last role User or Tool (or Assistant 
 begins with the prefix itself, which is left out (``_PrefixEcho``): the client of a resumed stream read the text it
 had twice. A tool call's id Mistral takes only as 9 letters and digits: another's (OpenAI's ``call_…``, Claude's
 ``toolu_…``, in a conversation begun on another model), which Mistral refused with a 400, goes in that form, the same
-for the call and the tool message answering it (``_tool_call_ids_spelt``).
+for the call and the tool message answering it (``_tool_call_ids_spelt``). An image part's data URL of a type Mistral's
+vision models do not read (PNG, JPEG, WEBP and GIF are theirs) is refused before the call (``MISTRAL_IMAGE_URLS``,
+``common.images_checked``), where Mistral answered its own 400 after it.
 
 Mistral's reasoning models (Magistral) write a message's ``content``, and each streamed delta's, as a list of
 chunks: ``thinking`` (its text in a list of ``text`` chunks) and ``text``. OpenAI's schema has a string there, and
@@ -52,8 +54,10 @@ from .base import WireChunk
 from .common import (
     TEXT_WITHOUT_LOGPROBS,
     BatchesAnswered,
+    ImageUrls,
     assistant_fields_dropped,
     fields_renamed,
+    images_checked,
     one_choice_only,
     prompt_cache_hints_dropped,
     refusal_named,
@@ -73,6 +77,10 @@ _REPLY_ONLY = frozenset({"refusal", "annotations", "reasoning_content", "reasoni
 _TOOL_CALL_ID_LENGTH = 9
 _TOOL_CALL_ID = re.compile(rf"[a-zA-Z0-9]{{{_TOOL_CALL_ID_LENGTH}}}")
 _TOOL_CALL_ID_ALPHABET = string.ascii_letters + string.digits
+# The images Mistral's vision models take (its vision guide's FAQ: PNG, JPEG, WEBP and a non-animated GIF of one
+# frame, as a data URL or an http(s) URL it fetches). A data URL of another type (text/html, a PDF, HEIC) is refused
+# before the call (``images_checked``), where Mistral answered its own 400 after it.
+MISTRAL_IMAGE_URLS = ImageUrls("Mistral", ("image/png", "image/jpeg", "image/gif", "image/webp"), fetches=True)
 
 
 class MistralAdapter(OpenAIAdapter):
@@ -84,8 +92,11 @@ class MistralAdapter(OpenAIAdapter):
     # The ``output_config.effort`` Mistral has a ``reasoning_effort`` for: its reasoning is ``high`` or ``none`` (which
     # Anthropic's levels do not name); another was sent to meet Mistral's 422, a 400 naming ``reasoning_effort``.
     messages_efforts = ("high",)
+    image_urls = MISTRAL_IMAGE_URLS
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+        if self.image_urls is not None:  # what the OpenAI adapter's ``_chat_body``, not called here, checks
+            images_checked(body, self.image_urls)
         request = fields_renamed(
             {
                 key: value
