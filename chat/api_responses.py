@@ -80,7 +80,7 @@ async def responses_create(request: HttpRequest) -> HttpResponse:
     except ApplicationError as exc:
         if run is not None:
             exc.message = refusal_worded(exc.param, exc.message)
-            exc.param = run.client_param(exc.param)
+            run.client_refusal_named(exc)
         response = openai_error_response(exc)
     except asyncio.CancelledError:
         if (response := shutdown_response(run, openai_error_response)) is None:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import uuid
 import weakref
@@ -52,7 +53,7 @@ from experiments.assignment import Assignment, assignment_unit, experiment_assig
 from experiments.overrides import overrides_for_messages
 from providers.adapters import adapter_class_for_kind, adapter_for, sends_service_tier
 from providers.adapters.base import WireChunk, WireEvent
-from providers.adapters.common import BatchesAnswered
+from providers.adapters.common import CHAT_FIELD_PATH, BatchesAnswered
 from providers.adapters.translate_anthropic import openai_usage, reasoning_text, thinking_requested
 from providers.byok import (
     UserCredential,
@@ -521,7 +522,7 @@ async def completion_start(
         )
         raise error from exc
     except ApplicationError as exc:
-        exc.param = client_field(field_names, exc.param)  # a translated body's refusal, by the client's names
+        client_refusal_named(field_names, exc)  # a translated body's refusal, by the client's names
         completion_reject(
             caller=caller,
             endpoint=endpoint,
@@ -621,6 +622,23 @@ def client_field(field_names: dict[str, str] | None, param: str | None) -> str |
         if param[:end] in field_names:
             return field_names[param[:end]]
     return param
+
+
+def client_refusal_named(field_names: dict[str, str] | None, exc: ApplicationError) -> None:
+    """``exc``, a refusal of a field of a translated body (chat validation's, an adapter's or the provider's), naming
+    the client's own fields (``field_names``, ``client_field``): its ``param``, and each chat completion's path its
+    message quotes, so that the two name the same field (a ``/v1/responses`` image refused as ``input[0].content``,
+    its message no longer quoting ``messages[0].content[1].image_url.url``, which the client never wrote)."""
+    if not field_names:
+        return
+
+    def named(path: str) -> str:
+        return client_field(field_names, re.sub(r"\.\[", "[", path)) or path  # OpenAI's 400s: messages.[3].content
+
+    exc.message = CHAT_FIELD_PATH.sub(lambda found: named(found[0]), exc.message)
+    exc.args = (exc.message,)
+    if exc.param is not None:
+        exc.param = named(exc.param)
 
 
 def _end_user(body: dict[str, Any], operation: str) -> Any:
@@ -1311,10 +1329,10 @@ class CompletionRun:
         self._cut_by_shutdown = True
         task.cancel()
 
-    def client_param(self, param: str | None) -> str | None:
-        """The ``param`` of an error about the body sent (a provider's refusal), as the client named that field:
-        a ``/v1/responses`` request's own name, not its chat completion's."""
-        return client_field(self.field_names, param)
+    def client_refusal_named(self, exc: ApplicationError) -> None:
+        """An error about the body sent (a provider's refusal) naming the client's fields, in its ``param`` and its
+        message: a ``/v1/responses`` request's own names, not its chat completion's (``client_refusal_named``)."""
+        client_refusal_named(self.field_names, exc)
 
     def shutdown_error(self) -> ServerShuttingDownError | None:
         """For an entry point that caught a ``CancelledError``: when the shutdown cut this run, consume that

@@ -15,6 +15,7 @@ client may wait for an answer, not what each of the SDK's attempts may take.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -327,6 +328,12 @@ def text_parts_only(content: Any, where: str, *, takes: str, remedy: str) -> Non
                 code="invalid_value",
             )
 
+
+# A chat completion's path of a message's field, as a refusal names it (``messages[3].content[1].image_url.url``;
+# OpenAI's own 400s write ``messages.[3].content.[1].type`` too), and of a tool's: what an entry point that translated
+# the client's request into a chat completion renames in a refusal's message (``/v1/messages``: ``translate_anthropic.
+# messages_refusal_named``; ``/v1/responses``: ``chat.pipeline.client_refusal_named``).
+CHAT_FIELD_PATH = re.compile(r"(?P<list>messages|tools)\.?\[(?P<index>\d+)\](?P<rest>(?:\.\w+|\.?\[\d+\])*)")
 
 # A data URL's media type clients write that is no registered one, for the registered one its bytes are: many write
 # ``data:image/jpg;base64,...`` for a JPEG (OpenAI and Ollama read it).

@@ -60,7 +60,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
-from .common import image_media_type
+from .common import CHAT_FIELD_PATH, image_media_type
 
 DEFAULT_MAX_TOKENS = 4096
 # Anthropic's cap on the blocks with a ``cache_control`` in one request.
@@ -915,9 +915,6 @@ def _translated_messages(request: dict[str, Any], origins: list[_Origins] | None
 # the Messages request it was made of (``messages.2.content.1``, ``system``, ...). A field it has none for is named by
 # the nearest one it has, the message's own.
 _Origins = dict[str, str]
-# A chat completion's path of a message's field, as a refusal names it (``messages[3].content[1].image_url.url``;
-# OpenAI's own 400s write ``messages.[3].content.[1].type`` too), and of a tool's.
-_CHAT_PATH = re.compile(r"(?P<list>messages|tools)\.?\[(?P<index>\d+)\](?P<rest>(?:\.\w+|\.?\[\d+\])*)")
 # Inside a tool call or a content part, the chat completion's field and the Messages block's it was made of.
 _CALL_FIELDS = {".function.arguments": ".input", ".function.name": ".name", ".function": "", ".id": ".id"}
 _PART_FIELDS = {".type": ".type", ".text": ".text"}
@@ -945,7 +942,7 @@ def messages_field(request: dict[str, Any], param: str | None, code: str | None 
     its turn); a field that is no chat completion's path is returned as it is."""
     if not param:
         return param
-    match = _CHAT_PATH.fullmatch(param)
+    match = CHAT_FIELD_PATH.fullmatch(param)
     if match is None:
         return _request_field(request, param)
     index, rest = int(match["index"]), re.sub(r"\.\[", "[", match["rest"])
@@ -985,7 +982,9 @@ def messages_refusal_named(request: dict[str, Any], exc: ProviderBadRequestError
     """``exc``, a refusal of the chat completion a Messages ``request`` was translated into, naming the client's own
     fields (``messages_field``): its ``param``, and each chat completion's path its message quotes (Anthropic's
     errors carry no ``param``: the message is all a client reads)."""
-    exc.message = _CHAT_PATH.sub(lambda found: messages_field(request, found[0], exc.code) or found[0], exc.message)
+    exc.message = CHAT_FIELD_PATH.sub(
+        lambda found: messages_field(request, found[0], exc.code) or found[0], exc.message
+    )
     if exc.param is not None:
         exc.param = messages_field(request, exc.param, exc.code)
     exc.args = (exc.message,)

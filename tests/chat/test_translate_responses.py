@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from chat.pipeline import client_refusal_named
 from chat.translate_responses import (
     ResponseEvents,
     response_from_completion,
@@ -313,3 +314,33 @@ def test_the_translation_accepts_or_answers_400_and_what_it_accepts_can_be_sent(
     json.dumps(chat, ensure_ascii=False, allow_nan=False).encode("utf-8")
     assert prompt_tokens(chat, operation="responses", upper_bound=True) >= 0
     response_skeleton(body, response_id="resp_1", model="m", created_at=1)
+
+
+@pytest.mark.parametrize(
+    ("quoted", "named"),
+    [
+        ("messages[2].content[1].image_url.url", "input[1].content"),  # instructions are messages[0]
+        ("messages.[2].content.[0].type", "input[1].content"),  # OpenAI's own 400s' spelling
+        ("messages[1].content", "input[0].content"),
+    ],
+)
+def test_a_refusal_of_the_chat_completion_names_the_responses_field_in_param_and_message(quoted, named):
+    """A refusal of the translated chat completion (chat validation's in the pipeline, an adapter's or the provider's
+    after it: ``client_refusal_named``) quoted the chat completion's path in its message beside a ``param`` naming the
+    Responses field; both now name the Responses field, and a message quoting no path is left as it was."""
+    body = {
+        "model": "m",
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": "Hi"},
+            {"role": "user", "content": [{"type": "input_text", "text": "What is it?"}]},
+        ],
+    }
+    _chat, fields = responses_request_to_chat(body)
+    refusal = InvalidRequestError(f"`{quoted}`: not taken here; `{quoted}` again.", param=quoted)
+    client_refusal_named(fields, refusal)
+    assert (refusal.param, refusal.message) == (named, f"`{named}`: not taken here; `{named}` again.")
+    assert str(refusal) == refusal.message
+    untouched = InvalidRequestError("This model does not stream.", param="stream")
+    client_refusal_named(fields, untouched)
+    assert (untouched.param, untouched.message) == ("stream", "This model does not stream.")
