@@ -45,7 +45,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 # As in base.py: a persistent connection (a TEST_DATABASE_URL with ?conn_max_age=60, as production keeps
 # them) is checked before its first use in a request.
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
-LLMHUB_LOOKUP_CACHE_TTL = 5.0
+# 5 s whatever base.py's default, unless the environment says otherwise: the servers a test starts in processes of
+# their own load these settings too, and one that wants them to forget sooner gives them a shorter TTL in their
+# environment (tests/gateway/test_database_outage.py).
+LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)
 # The freeze is a server process's (core/gc_tuning.py): a live server run in the test process (LiveServer), or
 # the ASGI application driven there past its 100th request, froze whatever the tests held at that moment, and a
 # cycle let go of afterwards was never collected. Servers a test starts in processes of their own may be asked for
