@@ -8,7 +8,8 @@ imported, from that environment variable, so the variable must be set before the
 (``metrics_directory_choose``), and nothing of ours imports prometheus-client before the settings have loaded.
 The directory is emptied when a new server starts on it (``_directory_prepare``): a marker names the process
 that owns it (the uvicorn master of a ``--workers`` server, or the one server process), and files left by an
-owner that is gone would otherwise add an earlier run's counts to this one's.
+owner that is gone would otherwise add an earlier run's counts to this one's: a new owner removes the files of the
+processes that are gone (``_writer_alive``), and keeps those of live processes that share the directory.
 
 Cost on the hot path (``request_metrics_record``): one append to a queue. A thread of each process drains it
 every ``FLUSH_SECONDS`` (and the process answering a scrape drains its own first), summing the queued requests
@@ -117,7 +118,8 @@ def _directory_prepare(directory: Path) -> None:
             recorded = ""
         if recorded != owner and not _identity_alive(recorded):
             for stale in directory.glob("*.db"):
-                stale.unlink(missing_ok=True)
+                if not _writer_alive(stale):
+                    stale.unlink(missing_ok=True)
             marker.write_text(f"{owner}\n")
     if directory.name.startswith("run-"):
         _sibling_sweep(directory)
@@ -174,6 +176,18 @@ def _sibling_sweep(directory: Path) -> None:
                     shutil.rmtree(sibling, ignore_errors=True)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process that writes the metrics file ``path`` (prometheus-client names it ``<kind>_<pid>.db``)
+    lives. A new owner removes the files of the processes that are gone, not the files of processes that share the
+    directory and live: a process the directory was handed to (a server a test starts, a Celery worker) that
+    prepared it first leaves its own identity in the marker, and the process that chose the directory, still writing
+    its files there, may never have written its own (the marker named a live process when it prepared); once the
+    first is gone, the next process to prepare the directory emptied the live one's files with the rest, and its
+    metrics were gone from every scrape after (a full-suite run's access test found a scrape of no worker's file)."""
+    pid = path.stem.rsplit("_", 1)[-1]
+    return pid.isdigit() and int(pid) != 0 and _process_identity(int(pid)) is not None
 
 
 def _identity_alive(identity: str) -> bool:

@@ -629,12 +629,11 @@ def test_without_the_variable_a_servers_workers_share_their_masters_directory(tm
 def test_a_new_owner_empties_the_directory_and_a_live_one_keeps_it(tmp_path):
     directory = tmp_path / "metrics"
     directory.mkdir()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(gone.stdout)
+    dead_pid = _dead_pid()
     (directory / core_metrics.OWNER_FILE).write_text(f"{dead_pid}:12345\n")
-    (directory / "counter_1.db").write_bytes(b"stale")
+    (directory / f"counter_{dead_pid}.db").write_bytes(b"stale")
     core_metrics._directory_prepare(directory)
-    assert not (directory / "counter_1.db").exists()
+    assert not (directory / f"counter_{dead_pid}.db").exists()
     me = core_metrics._process_identity(os.getpid())
     assert (directory / core_metrics.OWNER_FILE).read_text().strip() == me
 
@@ -642,15 +641,41 @@ def test_a_new_owner_empties_the_directory_and_a_live_one_keeps_it(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (directory / core_metrics.OWNER_FILE).write_text(f"{core_metrics._process_identity(sleeper.pid)}\n")
-        (directory / "counter_2.db").write_bytes(b"live")
+        (directory / f"counter_{sleeper.pid}.db").write_bytes(b"live")
         core_metrics._directory_prepare(directory)
-        assert (directory / "counter_2.db").exists()
+        assert (directory / f"counter_{sleeper.pid}.db").exists()
     finally:
         sleeper.kill()
         sleeper.wait()
     # Once it is gone, the next server to start empties it.
     core_metrics._directory_prepare(directory)
-    assert not (directory / "counter_2.db").exists()
+    assert not (directory / f"counter_{sleeper.pid}.db").exists()
+
+
+def test_a_new_owner_keeps_the_files_of_live_processes_that_share_the_directory(tmp_path):
+    """The marker names the first process that prepared the directory: a process it was handed to (a server a test
+    starts with the directory in its environment) may have been first, and the process that chose the directory, which
+    prepared it while that one lived, never wrote its own identity there. Once the first is gone, the next process to
+    prepare the directory removed every file, the live process's too, and its metrics were in no scrape after (three
+    access tests of a full SQLite run). The files of processes that are gone go; those of live processes stay."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    first, gone_writer = _dead_pid(), _dead_pid()
+    (directory / core_metrics.OWNER_FILE).write_text(f"{first}:12345\n")
+    live = [directory / f"counter_{os.getpid()}.db", directory / f"gauge_livesum_{os.getpid()}.db"]
+    dead = [directory / f"counter_{first}.db", directory / f"histogram_{gone_writer}.db"]
+    for path in (*live, *dead):
+        path.write_bytes(b"counts")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live.append(directory / f"gauge_livesum_{sleeper.pid}.db")
+        live[-1].write_bytes(b"in flight")
+        core_metrics._directory_prepare(directory)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert [path.exists() for path in live] == [True] * 3
+    assert [path.exists() for path in dead] == [False] * 2
 
 
 def test_a_sibling_directory_whose_namesake_lives_is_kept_whoever_its_marker_names(tmp_path):
