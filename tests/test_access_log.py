@@ -3,12 +3,14 @@ a URL; the production commands of the Dockerfile and docker-compose.yml are the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -42,8 +44,11 @@ def on_loopback(command: list[str], port: int) -> list[str]:
     return [sys.executable, "-m", *argv]
 
 
-@pytest.mark.django_db(transaction=True)
-def test_production_access_log_drops_the_query_string(tmp_path):
+@contextlib.contextmanager
+def production_server(tmp_path: Path, *options: str) -> Iterator[tuple[int, Path]]:
+    """The Dockerfile's command (``options`` after it) on a free loopback port, with production's settings, this
+    run's database and a spool of its own, its output in ``tmp_path / "server.log"``; yields (port, log) once it
+    listens and stops it after."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     environment.update(
@@ -58,16 +63,26 @@ def test_production_access_log_drops_the_query_string(tmp_path):
     log = tmp_path / "server.log"
     with log.open("w") as output:
         server = subprocess.Popen(
-            on_loopback(dockerfile_command(), port), cwd=ROOT, env=environment, stdout=output, stderr=output
+            [*on_loopback(dockerfile_command(), port), *options],
+            cwd=ROOT,
+            env=environment,
+            stdout=output,
+            stderr=output,
         )
         try:
             wait_for_port(port, timeout=60, process=server)
-            url = f"http://127.0.0.1:{port}/v1/models?api_key={SECRET}&limit=5"
-            # Through the TLS proxy production expects (the view answers), and over plain HTTP (refused).
-            behind_proxy = httpx.get(url, headers={"X-Forwarded-Proto": "https"}, timeout=30)
-            plain = httpx.get(url, timeout=30)
+            yield port, log
         finally:
             process_stop(server, grace=60)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_production_access_log_drops_the_query_string(tmp_path):
+    with production_server(tmp_path) as (port, log):
+        url = f"http://127.0.0.1:{port}/v1/models?api_key={SECRET}&limit=5"
+        # Through the TLS proxy production expects (the view answers), and over plain HTTP (refused).
+        behind_proxy = httpx.get(url, headers={"X-Forwarded-Proto": "https"}, timeout=30)
+        plain = httpx.get(url, timeout=30)
 
     text = log.read_text()
     assert SECRET not in text and "api_key" not in text

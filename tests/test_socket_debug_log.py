@@ -10,16 +10,12 @@ and last 25 characters, most of a gateway key's secret."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
 
 import pytest
-from cryptography.fernet import Fernet
 from websockets.sync.client import connect
 
-from tests.conftest import database_url_for_subprocesses, free_port, process_stop, wait_for_port
-from tests.test_access_log import ROOT, dockerfile_command, on_loopback
+from tests.test_access_log import production_server
 
 KEY = f"sk-llmhub-Canary00-{secrets.token_urlsafe(32)}"
 SESSION = f"canarysession{secrets.token_hex(12)}"
@@ -28,34 +24,11 @@ BEARER = f"canary-bearer-{secrets.token_hex(12)}"
 
 @pytest.mark.django_db(transaction=True)
 def test_the_debug_log_of_a_chat_socket_shows_no_key_cookie_or_authorization(tmp_path):
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    environment.update(
-        DJANGO_SETTINGS_MODULE="llmhub.settings.production",
-        SECRET_KEY=Fernet.generate_key().decode() * 2,
-        FIELD_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
-        DATABASE_URL=database_url_for_subprocesses(),
-        ALLOWED_HOSTS="127.0.0.1",
-        LLMHUB_LEDGER_SPOOL=str(tmp_path / "spool.jsonl"),
-        PYTHONUNBUFFERED="1",
-    )
-    log = tmp_path / "server.log"
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            [*on_loopback(dockerfile_command(), port), "--log-level", "debug"],
-            cwd=ROOT,
-            env=environment,
-            stdout=output,
-            stderr=output,
-        )
-        try:
-            wait_for_port(port, timeout=60, process=server)
-            headers = {"Cookie": f"sessionid={SESSION}", "Authorization": f"Bearer {BEARER}"}
-            with connect(f"ws://127.0.0.1:{port}/ws/chat/", additional_headers=headers, open_timeout=30) as socket:
-                socket.send(json.dumps({"type": "auth", "api_key": KEY}))
-                refusal = json.loads(socket.recv(timeout=30))
-        finally:
-            process_stop(server, grace=60)
+    with production_server(tmp_path, "--log-level", "debug") as (port, log):
+        headers = {"Cookie": f"sessionid={SESSION}", "Authorization": f"Bearer {BEARER}"}
+        with connect(f"ws://127.0.0.1:{port}/ws/chat/", additional_headers=headers, open_timeout=30) as socket:
+            socket.send(json.dumps({"type": "auth", "api_key": KEY}))
+            refusal = json.loads(socket.recv(timeout=30))
 
     text = log.read_text()
     assert refusal["code"] == "invalid_api_key", refusal  # the socket was served: its frames went through the log
