@@ -1434,9 +1434,12 @@ class CompletionRun:
             self._upstream_done = time.perf_counter()
             if not loop.is_closed():
                 self._call_settle(settle, call, ended=ended)
-            # Else its loop was closed under it (its tasks not cancelled), and the collector closes it here, outside
-            # any loop: no row can be submitted (the ledger's writer is a task of a loop). Its in-flight record stays
-            # in Redis, and the lost-request sweep writes its row.
+            else:
+                # Its loop was closed under it (its tasks not cancelled), and the collector closes it here, outside
+                # any loop: no row can be submitted (the ledger's writer is a task of a loop). Its in-flight record
+                # stays in Redis, and the lost-request sweep writes its row. This process runs it no more: it
+                # leaves the in-flight gauge, which only a settlement would otherwise take it from.
+                request_ended()
 
     def _call_settle(self, settle: Callable[[_Call], None], call: _Call, *, ended: bool) -> None:
         """``settle`` the call step that ended as ``call`` says (``ended``: it had ended well)."""

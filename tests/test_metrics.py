@@ -215,6 +215,8 @@ def test_a_request_and_a_stream_are_counted_timed_and_priced_with_their_labels(
     catalog_model(fake_upstream, "metered")
     client = client_for(llmhub_server, key)
     where = {"model": "metered", "deployment": "metered-dep", "provider": "metered-provider"}
+    # What this worker's processes count in flight before: this test judges only the runs it starts.
+    before = value(scrape(llmhub_server.url), "llmhub_requests_in_flight")
 
     raw = client.chat.completions.with_raw_response.create(model="metered", messages=MESSAGES)
     record = wait_for_record(raw.headers["x-request-id"])
@@ -239,10 +241,15 @@ def test_a_request_and_a_stream_are_counted_timed_and_priced_with_their_labels(
     assert value(text, "llmhub_cost_usd_total", **where) == pytest.approx(float(record.cost + streamed.cost))
     assert value(text, "llmhub_upstream_attempts_total", **where, outcome="ok") == 2
     assert value(text, "llmhub_retries_total", model="metered") == 0
-    # A run of an earlier test on this worker's server may still be settling (a stream its client cut, found
-    # out by the server a moment later): wait for it, as long as a scrape waits for the other workers.
-    settled = scrape_until(llmhub_server.url, "llmhub_requests_in_flight", 0)
-    assert value(settled, "llmhub_requests_in_flight") == 0
+    # Both runs left the gauge. A run of an earlier test on this worker's server may still be settling (a stream
+    # its client cut, found out by the server a moment later), counted in ``before`` and gone meanwhile: wait as
+    # long as a scrape waits for the other workers.
+    wait_until(
+        lambda: value(scrape(llmhub_server.url), "llmhub_requests_in_flight") <= before,
+        f"llmhub_requests_in_flight is back to at most {before}",
+        timeout=30,
+        interval=0.2,
+    )
     # No request id, user or key among the labels.
     for name, labels, _ in samples(text):
         if name.startswith("llmhub_"):

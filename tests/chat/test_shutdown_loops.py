@@ -14,6 +14,7 @@ import weakref
 import pytest
 from asgiref.sync import sync_to_async
 
+import core.metrics as core_metrics
 from billing.models import UsageRecord
 from chat import pipeline
 from chat.pipeline import Caller, completion_start, runs_drain, shutdown_began
@@ -102,6 +103,7 @@ def test_a_loop_closed_with_a_request_still_talking_to_its_provider_is_not_kept_
         ended.append(type(seen.exc_value))  # the type alone: the exception would keep its frames, and their loop
         previous(seen)
 
+    gauge = core_metrics._inflight
     sys.unraisablehook = unraisable
     try:
         for _ in range(LOOPS):
@@ -122,6 +124,7 @@ def test_a_loop_closed_with_a_request_still_talking_to_its_provider_is_not_kept_
     assert not [kind for kind in ended if issubclass(kind, ProviderError)]
     assert not [task for task in pipeline._requests_in_flight if task.get_loop().is_closed()]
     assert not [task for task in pipeline._active_runs.values() if task.get_loop().is_closed()]
+    assert core_metrics._inflight == gauge  # nor the requests-in-flight gauge
 
 
 @pytest.mark.django_db(transaction=True)
@@ -146,6 +149,7 @@ def test_a_request_cut_by_its_loop_closing_is_left_to_the_lost_request_sweep(cha
         run = await completion_start(caller=caller, body=quick, endpoint="rest")
         await run.complete()
 
+    gauge = core_metrics._inflight
     with caplog.at_level(logging.WARNING):
         loop = asyncio.new_event_loop()
         loop.run_until_complete(serve())
@@ -157,3 +161,6 @@ def test_a_request_cut_by_its_loop_closing_is_left_to_the_lost_request_sweep(cha
 
     assert not [record.getMessage() for record in caplog.records if record.name.startswith(("chat", "billing"))]
     assert not UsageRecord.objects.filter(request_id=runs[0]).exists()
+    # Both runs left the requests-in-flight gauge: the cut one as the one served (a scrape of this process
+    # counted the cut one in flight for as long as it lived).
+    assert core_metrics._inflight == gauge
