@@ -25,7 +25,7 @@ from referencing.jsonschema import DRAFT202012
 
 from billing.models import ApiKey, UsageRecord
 from billing.services.keys import api_key_create
-from billing.services.ledger import ledger_flush, usage_unwritten
+from billing.services.ledger import _writers_now, ledger_flush, usage_unwritten
 from billing.services.spool import spool_rows
 from experiments.models import Feedback
 from experiments.services_feedback import LEDGER_WAIT_SECONDS, feedback_set
@@ -400,6 +400,12 @@ def test_a_rating_right_after_the_reply_finds_the_row_not_yet_written(site, alic
     assert UsageRecord.objects.get(request_id=request_id).user_id == alice.pk
 
 
+def _row_placed(request_id: str) -> bool:
+    """``request_id``'s row is with this process's ledger writer or in the spool, and no spill is on its way."""
+    placed = usage_unwritten(request_id) is not None or request_id in {row["request_id"] for row in spool_rows()}
+    return placed and all(writer.spill is None for writer in _writers_now())
+
+
 def test_a_rating_finds_a_row_a_slow_ledger_sent_to_the_spool(site, alice, alice_key, settings, tmp_path):
     """The database writes slower than requests come: past the writer's bound (``LLMHUB_LEDGER_QUEUE_MAX``) the
     newest rows wait in the spool, not in memory, until it catches up. Their requests can be rated meanwhile,
@@ -408,7 +414,14 @@ def test_a_rating_finds_a_row_a_slow_ledger_sent_to_the_spool(site, alice, alice
     settings.LLMHUB_LEDGER_QUEUE_MAX = 2
     settings.LLMHUB_LEDGER_LINGER_MS = 0
     with ledger_inserts_held() as release:
-        request_ids = [site.completion(alice_key) for _ in range(6)]
+        request_ids = []
+        for _ in range(6):
+            request_id = site.completion(alice_key)
+            # Its row with the writer or spooled, and no spill on its way: a row that came while one was (a
+            # spill's append, in a thread, is slow on a loaded machine) stayed queued, no second spill began,
+            # and the spool held 2 rows for good (8054b03's fresh-clone CI).
+            wait_until(lambda request_id=request_id: _row_placed(request_id), "its row placed", timeout=20)
+            request_ids.append(request_id)
         # One row in flight, one kept queued, and two spills of two (the rows past half the bound), each
         # appended in a thread of its own: wait for both. Read before the second had landed, the newest
         # spooled row was one the second spill then pushed out of the writer's memory of spooled rows
