@@ -36,7 +36,7 @@ from billing.services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT, replies_bil
 from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
-from billing.services.settlement import answered_calls_usage, request_settle, settlement_tokens
+from billing.services.settlement import CutAttempt, answered_calls_usage, request_settle, settlement_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from core.loops import LoopRegistry
 from core.request_context import request_id_bind
@@ -1277,6 +1277,9 @@ class CompletionRun:
         self.served: ResolvedModel | None = None
         self.attempts = 0
         self.resumed = False  # a stream that failed midway and was continued on another deployment
+        # Each attempt that failed midway before a resume: on whose key it ran, its prompt and completion tokens
+        # (``request_settle`` charges each payer its own attempts' part of the row).
+        self._cut_billed: list[CutAttempt] = []
         # The service tier the provider said it served the request at (OpenAI's reply's, or a chunk's,
         # ``service_tier``): what its tokens are charged at; "" until a reply says one (then the one asked is).
         # A stream resumed on another deployment forgets the failed attempt's: the row is charged the answering
@@ -2004,8 +2007,11 @@ class CompletionRun:
                         # Resume: the next deployment continues the reply from what the client already has.
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
-                        earlier_tokens = text_tokens("".join(written))  # held back or not, it was billed
-                        earlier_prompt += self._prompt_billed(usage, prefilled)
+                        cut_prompt = self._prompt_billed(usage, prefilled)
+                        cut_tokens = text_tokens("".join(written))  # held back or not, it was billed
+                        self._cut_attempt_billed(cut_prompt, cut_tokens - earlier_tokens)
+                        earlier_tokens = cut_tokens
+                        earlier_prompt += cut_prompt
                         prefilled = "".join(text)
                         attempt_began = len(delivered)
                         usage = {}
@@ -2036,6 +2042,10 @@ class CompletionRun:
         tier = message_tier(usage.get("service_tier") if isinstance(usage, dict) else None)
         if tier:
             self.served_tier = tier
+
+    def _cut_attempt_billed(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Keep what the attempt that just failed midway was billed (before a resume), and on whose key it ran."""
+        self._cut_billed.append(CutAttempt(_billing_source(self.answered_by), prompt_tokens, completion_tokens))
 
     def _prompt_billed(self, usage: Mapping[str, Any], prefill: str) -> int:
         """The prompt tokens of an attempt that failed midway, before a resume, which its provider billed as a
@@ -2305,8 +2315,11 @@ class CompletionRun:
                         # Resume: the next deployment continues the message from the text the client has.
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
-                        earlier_tokens = text_tokens("".join(generated))  # held back or not, it was billed
-                        earlier_prompt += self._prompt_billed(openai_usage(usage) if usage else {}, prefilled)
+                        cut_prompt = self._prompt_billed(openai_usage(usage) if usage else {}, prefilled)
+                        cut_tokens = text_tokens("".join(generated))  # held back or not, it was billed
+                        self._cut_attempt_billed(cut_prompt, cut_tokens - earlier_tokens)
+                        earlier_tokens = cut_tokens
+                        earlier_prompt += cut_prompt
                         prefilled = "".join(delivered)
                         usage = {}
                         self.served_tier = ""  # the usage charged is the next attempt's: at its tier
@@ -2422,7 +2435,8 @@ class CompletionRun:
             usage_partly_estimated=usage_partly_estimated,
             earlier_prompt_tokens=earlier_prompt_tokens,
             web_searches=web_searches,
-            billing_source=BillingSource.PLATFORM if served.provider.credential_id is None else BillingSource.USER_KEY,
+            billing_source=_billing_source(served),
+            cut_attempts=self._cut_billed,
             moderation=self.moderation.summary if self.moderation is not None else "",
             experiment_id=self.assignment.experiment_id if self.assignment is not None else None,
             experiment_variant_id=self.assignment.variant_id if self.assignment is not None else None,
@@ -2740,6 +2754,12 @@ def _resumed_reasoning(chunk: WireChunk, *, apart: bool) -> bool:
         delta[name] = "\n\n" + delta[name]
     chunk.raw = None
     return True
+
+
+def _billing_source(served: ResolvedModel) -> str:
+    """Whose provider key an attempt on ``served`` (bound to its deployment) ran on: the user's own, or the
+    platform's."""
+    return BillingSource.PLATFORM if served.provider.credential_id is None else BillingSource.USER_KEY
 
 
 def _requested_name(body: dict[str, Any], served: ResolvedModel) -> str:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.utils import timezone
 
@@ -44,6 +44,15 @@ class Settlement:
     cache_write_tokens: int
     cost: Decimal
     usage_estimated: bool
+
+
+class CutAttempt(NamedTuple):
+    """An attempt of a resumed stream that failed midway (``request_settle``'s ``cut_attempts``): whose provider key
+    it ran on (``BillingSource``), and the prompt and completion tokens its provider billed that key's account."""
+
+    billing_source: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 def settlement_tokens(
@@ -135,6 +144,29 @@ def _web_searches(usage: Mapping[str, Any] | None) -> int:
     return (_count(usage.get("web_search_requests")) or 0) if usage else 0
 
 
+def _payers_parts(
+    cost: Decimal, billing_source: str, elsewhere: Sequence[CutAttempt], model: ResolvedModel, tier: str
+) -> tuple[Decimal, Decimal | None]:
+    """(the platform's part, the user's own key's part or None when it paid nothing) of a row of price ``cost`` whose
+    answering attempt ran on ``billing_source``'s key and whose ``elsewhere`` attempts (cut midway, before a resume)
+    on the other payer's: their tokens at the prices and tier the row charges every attempt at, the rest the
+    answering payer's. Each provider billed the account whose key its attempt went with."""
+    other = Decimal(0)
+    if elsewhere:
+        other = min(
+            cost_for(
+                model=model,
+                prompt_tokens=min(sum(attempt.prompt_tokens for attempt in elsewhere), COUNT_MAX),
+                completion_tokens=min(sum(max(attempt.completion_tokens, 0) for attempt in elsewhere), COUNT_MAX),
+                service_tier=tier,
+            ),
+            cost,
+        )
+    if billing_source == BillingSource.USER_KEY:
+        return other, cost - other
+    return cost - other, (other if elsewhere else None)
+
+
 def _count(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
         return value
@@ -171,6 +203,7 @@ def request_settle(
     experiment_variant_id: int | None = None,
     service_tier: str = "",
     requested_tier: object = None,
+    cut_attempts: Sequence[CutAttempt] = (),
 ) -> Settlement:
     """Settle a request that was admitted: decide its tokens and cost, and submit its ledger row with its
     admission (the reservation is released with the row, or both wait in the spool). Synchronous and
@@ -194,7 +227,9 @@ def request_settle(
     it (``pricing.tier_factor``), and the row keeps it (``charged_tier``); ``requested_tier``: the one the request
     asked (its body's ``service_tier``; None: none), whose reservation the tier charged is not dearer than
     (``pricing.billed_tier``: a reply saying a dearer one is charged the dearest the request may be served at, and
-    logged)."""
+    logged). ``cut_attempts``: a resumed stream's attempts that failed midway, whose tokens ``usage``,
+    ``delivered_text`` and ``earlier_prompt_tokens`` count with the answering attempt's: the part of the price of
+    those that ran on the other payer's key than ``billing_source`` is that payer's (``_payers_parts``)."""
     prompt, completion, cached, written, estimated = settlement_tokens(
         operation=operation,
         body=body,
@@ -232,11 +267,16 @@ def request_settle(
             tier or "default",
             cost_for(**priced, service_tier=service_tier) - cost,
         )
-    user_key_cost = None
-    if billing_source == BillingSource.USER_KEY:
-        user_key_cost = cost
-        if not (admission is not None and admission.byok_counts_against_budget):
-            cost = Decimal(0)
+    platform_part, user_key_cost = _payers_parts(
+        cost,
+        billing_source,
+        [attempt for attempt in cut_attempts if attempt.billing_source != billing_source],
+        model,
+        tier,
+    )
+    cost = platform_part
+    if user_key_cost is not None and admission is not None and admission.byok_counts_against_budget:
+        cost += user_key_cost
     deployment = model.deployment
     usage_record_submit(
         UsageData(
