@@ -9,10 +9,12 @@ saved with that name (``ops_alerts.ops_rules_model_bind``)."""
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 from django.dispatch import receiver
 
@@ -24,6 +26,9 @@ from .models import ApiKey, OpsAlertRule, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
 from .services.keys import api_key_deleted_record, api_keys_delete, key_cache
 from .services.ops_alerts import ops_model_incidents_close, ops_rule_deleting, ops_rules_model_bind
+from .tasks import budget_counters_put_back
+
+logger = logging.getLogger(__name__)
 
 
 def _forget(secret_hashes: list[str]) -> None:
@@ -93,6 +98,50 @@ def _user_plan_changed(instance: UserPlan, **kwargs: Any) -> None:
 @receiver(m2m_changed, sender=Plan.allowed_models.through)
 def _plan_changed(**kwargs: Any) -> None:
     forget_now_and_after_commit(limits_cache.invalidate)
+
+
+# A changed budget puts its scope's counters back on the ledger (they are the ledger's sums, kept): a counter its scope
+# stopped using while the budget was lifted or in another period stayed where it was left, and a budget set back
+# onto it would take it up short of what the period spent meanwhile (until the 5-minute reconcile). Queued once the
+# change is committed; a broker that does not take it leaves it to that reconcile.
+
+BUDGET_FIELDS = frozenset({"budget_usd", "budget_period"})
+
+
+def _counters_put_back(**scope: int) -> None:
+    """Queue ``budget_counters_put_back`` for ``scope`` (``key_id``, ``user_id`` or ``plan_id``) after the commit."""
+
+    def queue() -> None:
+        try:
+            budget_counters_put_back.delay(**scope)
+        except Exception as exc:  # the broker's error (its text may name hosts): the reconcile task catches up
+            logger.warning(
+                "a budget changed, and its counters could not be queued to be put back on the ledger (%s); the "
+                "5-minute reconcile will",
+                type(exc).__name__,
+            )
+
+    transaction.on_commit(queue)
+
+
+@receiver(post_save, sender=ApiKey)
+def _api_key_budget_saved(instance: ApiKey, created: bool, update_fields: Any, **kwargs: Any) -> None:
+    # A new key has no counter yet; a rotation, a revoke or the last use writes no budget.
+    if not created and (update_fields is None or BUDGET_FIELDS & set(update_fields)):
+        _counters_put_back(key_id=instance.pk)
+
+
+@receiver([post_save, post_delete], sender=UserPlan)
+def _user_plan_budget_saved(instance: UserPlan, created: bool = False, **kwargs: Any) -> None:
+    # A user's plan is created at their first lookup (``user_plan_ensure``, on the request path), before any counter.
+    if not created:
+        _counters_put_back(user_id=instance.user_id)
+
+
+@receiver(post_save, sender=Plan)
+def _plan_budget_saved(instance: Plan, created: bool, **kwargs: Any) -> None:
+    if not created:
+        _counters_put_back(plan_id=instance.pk)
 
 
 @receiver(post_save, sender=CatalogModel)

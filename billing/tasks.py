@@ -9,10 +9,10 @@ from django.conf import settings
 
 from core.outbox import delivery_claim, delivery_failed
 
-from .models import BudgetAlert, OpsAlertIncident
+from .models import BudgetAlert, OpsAlertIncident, ScopeKind, UserPlan
 from .services.alert_sweep import alerts_undelivered_requeue
 from .services.alerts import WebhookDeliveryError, budget_alert_email_send, budget_alert_webhook_send
-from .services.counters import budget_counters_reconcile, inflight_lost_settle
+from .services.counters import budget_counters_reconcile, budget_scope_counters_reconcile, inflight_lost_settle
 from .services.ledger import ledger_replay_spool
 from .services.ops_alerts import (
     ops_alert_email_send,
@@ -48,6 +48,20 @@ class CountersNotReconciledError(Exception):
 
 class ReconcileNotCompleteError(LostRequestsNotSettledError, CountersNotReconciledError):
     """A reconcile run that could neither settle every lost request nor reconcile every counter: both at once."""
+
+
+@shared_task
+def budget_counters_put_back(
+    *, key_id: int | None = None, user_id: int | None = None, plan_id: int | None = None
+) -> int:
+    """After a budget changed (``signals``): the counters of the key, of the user, or of the plan's users back on the
+    ledger's figure."""
+    if key_id is not None:
+        return budget_scope_counters_reconcile(scope_kind=ScopeKind.KEY, scope_ids=[key_id])
+    users = (
+        [user_id] if user_id is not None else UserPlan.objects.filter(plan_id=plan_id).values_list("user_id", flat=True)
+    )
+    return budget_scope_counters_reconcile(scope_kind=ScopeKind.USER, scope_ids=list(users))
 
 
 @shared_task

@@ -493,12 +493,18 @@ def _stores_start(loop: asyncio.AbstractEventLoop) -> _LoopStores:
 
 
 def redis_reconcile(
-    url: str, now: datetime, *, spooled: SpoolIndex | None = None, failed: list[str] | None = None
+    url: str,
+    now: datetime,
+    *,
+    spooled: SpoolIndex | None = None,
+    failed: list[str] | None = None,
+    only: tuple[str, ...] | None = None,
 ) -> int:
     """Bring every Redis counter back to the ledger's figure, alerting for the thresholds a correction up
     crosses; returns how many were off. ``spooled``: the run's ``SpoolIndex`` (the spool is read once). A counter
     that cannot be reconciled (a malformed key, a value that does not parse) does not stop the others: it is
-    logged, its key appended to ``failed``, and tried again at the next run. Redis not answering ends the run."""
+    logged, its key appended to ``failed``, and tried again at the next run. Redis not answering ends the run.
+    ``only``: the starts of the keys of the counters to reconcile (``budget_scope_counters_reconcile``); None: all."""
     spooled = spooled or SpoolIndex()
     failed = [] if failed is None else failed
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -506,7 +512,8 @@ def redis_reconcile(
         snapshot = client.register_script(_script("budget_snapshot"))
         adjust = client.register_script(_script("budget_adjust"))
         adjusted = 0
-        for key in sorted(client.smembers(INDEX_KEY)):
+        keys = client.smembers(INDEX_KEY)
+        for key in sorted(keys if only is None else (key for key in keys if key.startswith(only))):
             try:
                 adjusted += _redis_reconcile_one(client, snapshot, adjust, key, now, spooled)
             except (redis.ConnectionError, redis.TimeoutError):
@@ -1004,9 +1011,16 @@ class DatabaseCounterStore:
         monthly_start, _ = period_bounds(BudgetPeriod.MONTHLY, now - KEPT_AFTER_PERIOD)
         BudgetCounter.objects.filter(period=BudgetPeriod.DAILY, period_start__lt=daily_start).delete()
         BudgetCounter.objects.filter(period=BudgetPeriod.MONTHLY, period_start__lt=monthly_start).delete()
+        return self.counters_reconcile(BudgetCounter.objects.all(), now, spooled=spooled, failed=failed)
+
+    def counters_reconcile(
+        self, counters: Any, now: datetime, *, spooled: SpoolIndex | None = None, failed: list[str] | None = None
+    ) -> int:
+        """``reconcile`` for the counters of the queryset ``counters``, without dropping the old periods' ones."""
+        failed = [] if failed is None else failed
         adjusted = 0
         spooled = spooled or SpoolIndex()  # read once for every counter (and again only if the spool changed)
-        for pk, key in BudgetCounter.objects.values_list("pk", "key"):
+        for pk, key in counters.values_list("pk", "key"):
             try:
                 adjusted += self._reconcile_one(pk, now, spooled)
             except Exception as exc:
@@ -1119,6 +1133,28 @@ def budget_counters_reconcile(
     if settings.REDIS_URL:
         return redis_reconcile(settings.REDIS_URL, now, spooled=spooled, failed=counters_failed)
     return database_store.reconcile(now, spooled=spooled, failed=counters_failed)
+
+
+def budget_scope_counters_reconcile(*, scope_kind: str, scope_ids: Collection[int], now: datetime | None = None) -> int:
+    """Put the counters of these scopes (``ScopeKind``: users, or keys) back on the ledger's figure now, as the
+    reconcile task does every counter; returns how many were off. For a budget changed (``signals``): a counter
+    its scope stopped using (the budget lifted, or moved to another period) stayed where it was left while the
+    scope spent elsewhere, and a budget set back onto it would take it up short of what the period had spent,
+    admitting requests past the budget until the next reconcile."""
+    ids = sorted({int(pk) for pk in scope_ids})
+    if not ids:
+        return 0
+    now = now or timezone.now()
+    if settings.REDIS_URL:
+        starts = tuple(f"{KEY_PREFIX}{scope_kind}:{pk}:" for pk in ids)
+        return redis_reconcile(settings.REDIS_URL, now, only=starts)
+    wanted = set(ids)
+    pks = [
+        pk
+        for pk, scope_id in BudgetCounter.objects.filter(scope_kind=scope_kind).values_list("pk", "scope_id")
+        if scope_id in wanted
+    ]
+    return database_store.counters_reconcile(BudgetCounter.objects.filter(pk__in=pks), now)
 
 
 # IN-FLIGHT RECORDS: heartbeats, re-assertion after Redis lost them, and the requests of dead processes.
