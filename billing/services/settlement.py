@@ -147,10 +147,11 @@ def _web_searches(usage: Mapping[str, Any] | None) -> int:
 def _payers_parts(
     cost: Decimal, billing_source: str, elsewhere: Sequence[CutAttempt], model: ResolvedModel, tier: str
 ) -> tuple[Decimal, Decimal | None]:
-    """(the platform's part, the user's own key's part or None when it paid nothing) of a row of price ``cost`` whose
-    answering attempt ran on ``billing_source``'s key and whose ``elsewhere`` attempts (cut midway, before a resume)
-    on the other payer's: their tokens at the prices and tier the row charges every attempt at, the rest the
-    answering payer's. Each provider billed the account whose key its attempt went with."""
+    """(the part of a row of price ``cost`` paid on the platform's provider key, its ``user_key_cost``) when its
+    answering attempt ran on ``billing_source``'s key and its ``elsewhere`` attempts (cut midway, before a resume) on
+    the other payer's: those are priced at the prices and tier the row charges every attempt at, the rest is the
+    answering payer's. ``user_key_cost`` is the whole price when any of it ran on the user's own key (what an
+    experiment's results read as the request's price, whoever paid), else None."""
     other = Decimal(0)
     if elsewhere:
         other = min(
@@ -163,8 +164,8 @@ def _payers_parts(
             cost,
         )
     if billing_source == BillingSource.USER_KEY:
-        return other, cost - other
-    return cost - other, (other if elsewhere else None)
+        return other, cost
+    return cost - other, (cost if elsewhere else None)
 
 
 def _count(value: Any) -> int | None:
@@ -229,7 +230,8 @@ def request_settle(
     (``pricing.billed_tier``: a reply saying a dearer one is charged the dearest the request may be served at, and
     logged). ``cut_attempts``: a resumed stream's attempts that failed midway, whose tokens ``usage``,
     ``delivered_text`` and ``earlier_prompt_tokens`` count with the answering attempt's: the part of the price of
-    those that ran on the other payer's key than ``billing_source`` is that payer's (``_payers_parts``)."""
+    those that ran on the other payer's key than ``billing_source`` is that payer's, and ``cost`` counts the part on the
+    platform's key alone unless the plan counts own-key spend (``_payers_parts``)."""
     prompt, completion, cached, written, estimated = settlement_tokens(
         operation=operation,
         body=body,
@@ -274,9 +276,8 @@ def request_settle(
         model,
         tier,
     )
-    cost = platform_part
-    if user_key_cost is not None and admission is not None and admission.byok_counts_against_budget:
-        cost += user_key_cost
+    if not (admission is not None and admission.byok_counts_against_budget):
+        cost = platform_part
     deployment = model.deployment
     usage_record_submit(
         UsageData(
