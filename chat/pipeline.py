@@ -103,7 +103,14 @@ from providers.routing import (
 from providers.routing.stats import CallTicket
 from providers.rules import apply_parameter_rules
 from providers.selectors import factor_ceiling, model_resolve
-from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, prompt_token_bounds, prompt_tokens, text_tokens
+from providers.tokens import (
+    REASONING_FIELDS,
+    TOOL_CALL_BLOCKS,
+    prompt_token_bounds,
+    prompt_tokens,
+    served_by,
+    text_tokens,
+)
 from providers.types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
@@ -481,7 +488,8 @@ async def completion_start(
                 await moderation.check_input(body, operation, field_names=field_names)
             else:
                 await moderation.check_input({**body, "messages": new_input}, operation, fields=False)
-        prompt_upper, prompt_estimate = prompt_token_bounds(body, operation=operation)
+        servers = served_by([model, *fallbacks, *context_fallbacks])  # whose formulas bound an attachment
+        prompt_upper, prompt_estimate = prompt_token_bounds(body, operation=operation, servers=servers)
         as_sent, forced_limit, unbounded = _body_as_sent(body, [model, *fallbacks, *context_fallbacks])
         admission = await admission_acquire(
             user_id=caller.user_id,

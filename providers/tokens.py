@@ -12,8 +12,9 @@ embeddings request), so that what admission reserves and what settlement charges
   tokens of a common CJK character, up to three (its bytes) of a rare one and of most Ethiopic, Myanmar or Tibetan
   characters, up to three of an emoji's four bytes. Bytes reserve common CJK text (about one token a character
   in o200k, Qwen's or Llama 3's) about three times what it is billed, as half the characters reserves English
-  about twice: alike slack, given back at settlement. Plus the per-message framing, a fixed charge per image and a
-  little overhead.
+  about twice: alike slack, given back at settlement. Plus the per-message framing, each attachment at the most its
+  providers may bill it (an image by the size its header declares, a PDF by its pages: ``_attachment_most``,
+  ``docs/ledger.md``, "What an attachment pays") and a little overhead.
 - estimate (the default): at settlement, when the provider sent no usage (a stream cut short, a client
   gone, an upstream that reports none): ASCII text at about four characters a token; any other character at
   half a token for each of its UTF-8 bytes past the first: a Cyrillic, Greek, Hebrew or Arabic letter (two bytes)
@@ -36,17 +37,22 @@ translated stream's ``message_start`` (``providers.adapters.base``), which a str
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
 import re
-from collections.abc import Mapping
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 CHARS_PER_TOKEN = 4  # an estimate: English averages about four characters a token
 UPPER_CHARS_PER_TOKEN = 2  # a bound for ASCII text: tokenizers rarely fall below two characters a token
 # An estimate for any other character: a token for every two of its UTF-8 bytes past the first (one a CJK character).
 EXTRA_BYTES_PER_TOKEN = 2
-IMAGE_TOKENS = 1_600  # Anthropic's estimate for a mid-sized image; attachments of every kind count as one
+# Anthropic's estimate for a mid-sized image: what settlement's estimate counts an attachment of every kind, and what
+# the bound counts a sound (an image or a document is bounded by its provider's formula: ``_attachment_most``).
+IMAGE_TOKENS = 1_600
 MESSAGE_FRAMING = 3  # the role and separators each message adds, as providers count them
 UPPER_MESSAGE_FRAMING = 8
 UPPER_OVERHEAD = 16  # the reply's priming, for the bound
@@ -180,17 +186,24 @@ def text_tokens(text: str) -> int:
     return counted.estimate()
 
 
-def prompt_tokens(body: Mapping[str, Any], *, operation: str, upper_bound: bool = False) -> int:
+def prompt_tokens(
+    body: Mapping[str, Any], *, operation: str, upper_bound: bool = False, servers: Servers | None = None
+) -> int:
     """The prompt's tokens in a request ``body`` of ``operation`` (``billing.models.Operation``'s value): an upper
     bound before the call, or the settle-time estimate. The body is one that passed validation; parts of a
-    shape the walk does not know count for nothing rather than fail (settlement runs in a ``finally``)."""
-    upper, estimate = prompt_token_bounds(body, operation=operation)
+    shape the walk does not know count for nothing rather than fail (settlement runs in a ``finally``).
+    ``servers``: who may serve it (``served_by``), whose formulas bound its attachments; None: the dearest."""
+    upper, estimate = prompt_token_bounds(body, operation=operation, servers=servers)
     return upper if upper_bound else estimate
 
 
-def prompt_token_bounds(body: Mapping[str, Any], *, operation: str) -> tuple[int, int]:
+def prompt_token_bounds(body: Mapping[str, Any], *, operation: str, servers: Servers | None = None) -> tuple[int, int]:
     """``prompt_tokens``' upper bound and estimate together, from one walk of the body: what admission needs
-    (the bound to reserve, the estimate to judge whether a request can ever fit a tokens-per-minute limit)."""
+    (the bound to reserve, the estimate to judge whether a request can ever fit a tokens-per-minute limit).
+
+    The bound counts each attachment at the most any of ``servers`` may bill it (``_attachment_most``: an image by
+    its size, a PDF by its pages), all of them together at most the widest context window among them; the estimate
+    counts each at ``IMAGE_TOKENS``."""
     if operation == EMBEDDINGS:
         value = body.get("input")
         return _embedding_input_bound(value), _input_tokens(value, upper_bound=False)
@@ -199,11 +212,14 @@ def prompt_token_bounds(body: Mapping[str, Any], *, operation: str) -> tuple[int
         parts = [body.get("prompt"), body.get("suffix")]
         upper = sum(_input_tokens(part, upper_bound=True) for part in parts)
         return upper + UPPER_OVERHEAD, sum(_input_tokens(part, upper_bound=False) for part in parts)
-    counted, messages = _prompt_parts(body)
-    attached = IMAGE_TOKENS * counted.attachments
+    servers = servers or EVERY_SERVER
+    counted, messages = _prompt_parts(body, servers)
+    attached_most = counted.attached_most
+    if attached_most and servers.context_window is not None:
+        attached_most = min(attached_most, servers.context_window)
     return (
-        counted.upper() + UPPER_MESSAGE_FRAMING * messages + attached + UPPER_OVERHEAD,
-        counted.estimate() + MESSAGE_FRAMING * messages + attached,
+        counted.upper() + UPPER_MESSAGE_FRAMING * messages + attached_most + UPPER_OVERHEAD,
+        counted.estimate() + MESSAGE_FRAMING * messages + IMAGE_TOKENS * counted.attachments,
     )
 
 
@@ -244,12 +260,12 @@ def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _prompt_parts(body: Mapping[str, Any]) -> tuple[_Counted, int]:
+def _prompt_parts(body: Mapping[str, Any], servers: Servers | None = None) -> tuple[_Counted, int]:
     """(texts and attachments, messages) of a chat completion or Messages request: Anthropic's ``system``
     (text or blocks), every message's text, tool calls (a legacy ``function_call`` too) and results, thinking (a
     chat completion's reasoning and ``thinking_blocks`` too), and the tools' definitions (the legacy ``functions``
     too)."""
-    counted = _Counted()
+    counted = _Counted(servers)
     counted.content(body.get("system"))
     messages = body.get("messages")
     messages = messages if isinstance(messages, list) else []
@@ -279,12 +295,13 @@ def _prompt_parts(body: Mapping[str, Any]) -> tuple[_Counted, int]:
 
 class _Counted:
     """What a body's texts weigh (their characters, and of those the non-ASCII ones and their UTF-8 bytes) and its
-    attachments."""
+    attachments: how many (``attachments``) and the most they may be billed together (``attached_most``)."""
 
-    __slots__ = ("attachments", "chars", "wide_bytes", "wide_chars")
+    __slots__ = ("attached_most", "attachments", "chars", "servers", "wide_bytes", "wide_chars")
 
-    def __init__(self) -> None:
-        self.chars = self.wide_chars = self.wide_bytes = self.attachments = 0
+    def __init__(self, servers: Servers | None = None) -> None:
+        self.chars = self.wide_chars = self.wide_bytes = self.attachments = self.attached_most = 0
+        self.servers = servers or EVERY_SERVER
 
     def add(self, text: str) -> None:
         self.chars += len(text)
@@ -317,12 +334,435 @@ class _Counted:
                 self.add(str(part.get("text") or ""))
             elif kind in _ATTACHMENTS:
                 self.attachments += 1
+                self.attached_most += _attachment_most(part, self.servers)
             elif kind in TOOL_CALL_BLOCKS:
                 self.add(_dumps(part.get("input") or {}))
             elif kind in ("tool_result", "mcp_tool_result"):
                 self.content(part.get("content"))
             elif kind == "thinking":
                 self.add(str(part.get("thinking") or ""))
+
+
+# What an attachment may be billed at most, before the call: one image's or one document's tokens by the formula
+# of each provider that may serve the request (``served_by``), the dearest of them. Each provider documents its own:
+# - OpenAI (kinds ``openai``, ``azure_openai``; its vision guide): detail ``low`` a fixed base; ``high`` or ``auto``
+#   the image scaled to fit 2048×2048, then its shortest side to 768 (only ever down), a base plus a figure per
+#   512-px tile: 85 + 170 (gpt-4o, gpt-4.1, gpt-4.5, gpt-5), 2,833 + 5,667 (gpt-4o-mini), 75 + 150 (o1, o3); the
+#   patch-based models (gpt-4.1-mini and -nano, gpt-5-mini and -nano, o4-mini) count 32-px patches, at most 1,536,
+#   times 1.62, 2.46 or 1.72, whatever the detail. An upstream id none of these names is reserved at the dearest.
+# - Anthropic (its vision guide): about width × height / 750 for the models that resize to 1,568 px and ~1,600
+#   tokens (capped here at 1568² / 750), ⌈w/28⌉ × ⌈h/28⌉ up to 4,784 for those that take 2,576 px;
+#   the dearer of the two for every Claude. A PDF: 1,500 to 3,000 tokens of text a page plus the page as an image,
+#   at most 600 pages a request (100 under a 1M context).
+# - Gemini (its token guide): 258 tokens an image of at most 384 px a side, else 258 a tile (cut at most 768 px, at
+#   least 256 px, a side: the shorter side / 1.5); Gemini 3 counts 1,120 an image at its default resolution. A PDF
+#   page 258 (Gemini 2) or 560 (Gemini 3's default), at most 1,000 pages.
+# Another kind (an OpenAI-compatible server, OpenRouter, Ollama, Mistral, Cohere: whose model's formula is not known)
+# is reserved at the dearest of every formula above. An image whose size cannot be read (an http(s) URL, a file id, a
+# type whose header is not read here) is reserved at its formula's most: 1,445 (gpt-4o's 8 tiles), 48,169
+# (gpt-4o-mini's), 4,784 (Claude); Gemini documents none, and is reserved at the dearest, 48,169.
+OPENAI_TILE_MOST = 8  # 2048 × 768 after scaling: 4 × 2 tiles of 512 px
+OPENAI_PATCHES_MOST = 1_536
+# Width × height / 750 within Claude's 1,568-px long edge, whatever its resize to "~1,600 tokens" leaves (its own
+# table lists 1,639 for a 1:2 image): 1568² / 750.
+CLAUDE_AREA_MOST = 3_279
+CLAUDE_PATCHES_MOST = 4_784
+GEMINI_IMAGE_TOKENS = 258
+GEMINI_3_IMAGE_TOKENS = 1_120
+# A PDF page's text at Anthropic's documented upper figure, beside its image; OpenAI documents none of its own and
+# sends the page's text and image alike.
+PDF_PAGE_TEXT_TOKENS = 3_000
+GEMINI_PDF_PAGE_TOKENS = 560
+CLAUDE_PDF_PAGES_MOST = 600
+OPENAI_PDF_PAGES_MOST = 100
+GEMINI_PDF_PAGES_MOST = 1_000
+# How far into a JPEG its frame header (SOF) is looked for: past the metadata segments (EXIF, ICC profiles), which a
+# camera's file keeps within its first tens of KiB. Not found by then, the image is reserved at its formula's most.
+JPEG_HEADER_BYTES_MOST = 1 << 20
+PDF_INFLATED_BYTES_MOST = 64 << 20  # a PDF's object streams, inflated to count its pages; past it: the most
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+class _Tiles:
+    """OpenAI's tile formula: ``base`` (detail low) or ``base + tile × tiles``."""
+
+    __slots__ = ("base", "tile")
+
+    def __init__(self, base: int, tile: int) -> None:
+        self.base, self.tile = base, tile
+
+    def image(self, size: tuple[int, int] | None, detail: Any) -> int:
+        if detail == "low":
+            return self.base
+        if size is None:
+            return self.base + self.tile * OPENAI_TILE_MOST
+        # The scaled sides exactly, as width / scale and height / scale (integers: Fractions cost 20 µs an image).
+        width, height, scale = size[0], size[1], 1
+        if max(width, height) > 2048:
+            width, height, scale = width * 2048, height * 2048, max(width, height)
+        if min(width, height) > 768 * scale:
+            width, height, scale = width * 768, height * 768, min(width, height)
+        return self.base + self.tile * _ceil_div(width, 512 * scale) * _ceil_div(height, 512 * scale)
+
+    def pdf_page(self) -> int:
+        return PDF_PAGE_TEXT_TOKENS + self.image(None, "high")
+
+    pdf_pages_most = OPENAI_PDF_PAGES_MOST
+
+
+class _Patches:
+    """OpenAI's patch formula: 32-px patches, at most 1,536 (a larger image is scaled down to fit), × ``factor``."""
+
+    __slots__ = ("hundredths",)
+
+    def __init__(self, hundredths: int) -> None:
+        self.hundredths = hundredths  # the multiplier × 100
+
+    def image(self, size: tuple[int, int] | None, detail: Any) -> int:
+        patches = OPENAI_PATCHES_MOST
+        if size is not None:
+            patches = min(_ceil_div(size[0], 32) * _ceil_div(size[1], 32), OPENAI_PATCHES_MOST)
+        return _ceil_div(patches * self.hundredths, 100)
+
+    def pdf_page(self) -> int:
+        return PDF_PAGE_TEXT_TOKENS + self.image(None, "high")
+
+    pdf_pages_most = OPENAI_PDF_PAGES_MOST
+
+
+class _Claude:
+    __slots__ = ()
+
+    def image(self, size: tuple[int, int] | None, detail: Any) -> int:
+        if size is None:
+            return CLAUDE_PATCHES_MOST
+        width, height = size
+        area = min(_ceil_div(width * height, 750), CLAUDE_AREA_MOST)
+        return max(area, min(_ceil_div(width, 28) * _ceil_div(height, 28), CLAUDE_PATCHES_MOST))
+
+    def pdf_page(self) -> int:
+        return PDF_PAGE_TEXT_TOKENS + CLAUDE_PATCHES_MOST
+
+    pdf_pages_most = CLAUDE_PDF_PAGES_MOST
+
+
+class _Gemini:
+    __slots__ = ()
+
+    def image(self, size: tuple[int, int] | None, detail: Any) -> int:
+        if size is None:
+            return IMAGE_TOKENS_MOST
+        width, height = size
+        if width <= 384 and height <= 384:
+            return max(GEMINI_IMAGE_TOKENS, GEMINI_3_IMAGE_TOKENS)
+        unit = min(max(min(width, height) * 2 // 3, 256), 768)
+        tiles = _ceil_div(width, unit) * _ceil_div(height, unit)
+        return max(GEMINI_IMAGE_TOKENS * tiles, GEMINI_3_IMAGE_TOKENS)
+
+    def pdf_page(self) -> int:
+        return max(GEMINI_IMAGE_TOKENS, GEMINI_PDF_PAGE_TOKENS)
+
+    pdf_pages_most = GEMINI_PDF_PAGES_MOST
+
+
+_GPT_4O = _Tiles(85, 170)
+_GPT_4O_MINI = _Tiles(2_833, 5_667)
+_O1 = _Tiles(75, 150)
+_MINI_PATCHES, _NANO_PATCHES, _O4_MINI_PATCHES = _Patches(162), _Patches(246), _Patches(172)
+_OPENAI_FORMULAS = (_GPT_4O, _GPT_4O_MINI, _O1, _MINI_PATCHES, _NANO_PATCHES, _O4_MINI_PATCHES)
+_CLAUDE, _GEMINI = _Claude(), _Gemini()
+_EVERY_FORMULA = (*_OPENAI_FORMULAS, _CLAUDE, _GEMINI)
+IMAGE_TOKENS_MOST = _GPT_4O_MINI.base + _GPT_4O_MINI.tile * OPENAI_TILE_MOST  # 48,169: the dearest formula's most
+# OpenAI's models by upstream id (a vendor's prefix, a dated snapshot or a fine-tune's ``ft:`` around it), first match.
+_OPENAI_MODELS = (
+    (re.compile(r"gpt-4o-mini"), (_GPT_4O_MINI,)),
+    (re.compile(r"gpt-(?:4\.1|5(?:\.\d+)?)-nano"), (_NANO_PATCHES,)),
+    (re.compile(r"gpt-(?:4\.1|5(?:\.\d+)?)-mini"), (_MINI_PATCHES,)),
+    (re.compile(r"(?:^|[/:])o4-mini"), (_O4_MINI_PATCHES,)),
+    (re.compile(r"(?:^|[/:])o[13](?:-pro)?(?:-\d{4}-\d{2}-\d{2})?$"), (_O1,)),
+    (re.compile(r"gpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|gpt-4-turbo|computer-use"), (_GPT_4O,)),
+)
+_OPENAI_KINDS = frozenset({"openai", "azure_openai"})
+
+
+def _formulas_for(kind: str, upstream_id: str) -> tuple[Any, ...]:
+    if kind in _OPENAI_KINDS:
+        name = upstream_id.lower()
+        return next((formulas for pattern, formulas in _OPENAI_MODELS if pattern.search(name)), _OPENAI_FORMULAS)
+    if kind == "anthropic":
+        return (_CLAUDE,)
+    if kind == "gemini":
+        return (_GEMINI,)
+    return _EVERY_FORMULA
+
+
+class Servers:
+    """The models that may serve a request (``served_by``), read only for a request with an attachment (a text
+    request's path does no more than make this): their deployments' attachment formulas, and the widest context
+    window among them (a prompt past it is refused by the provider, never billed, so the attachments are reserved at
+    most that; None: no model known)."""
+
+    __slots__ = ("_formulas", "models")
+
+    def __init__(self, models: Sequence[Any] = (), formulas: tuple[Any, ...] | None = None) -> None:
+        self.models, self._formulas = models, formulas
+
+    @property
+    def formulas(self) -> tuple[Any, ...]:
+        if self._formulas is None:
+            formulas: list[Any] = []
+            for model in self.models:
+                for deployment in model.deployments or (model,):
+                    for formula in _formulas_for(str(deployment.provider.kind), deployment.upstream_id or ""):
+                        if formula not in formulas:
+                            formulas.append(formula)
+            self._formulas = tuple(formulas) or _EVERY_FORMULA
+        return self._formulas
+
+    @property
+    def context_window(self) -> int | None:
+        return max((model.context_window or 0 for model in self.models), default=0) or None
+
+
+EVERY_SERVER = Servers(formulas=_EVERY_FORMULA)  # no model known: the dearest formula
+
+
+def served_by(models: Sequence[Any]) -> Servers:
+    """The ``Servers`` of a request that may end on any deployment of ``models`` (``ResolvedModel``s: the model
+    asked and its fallbacks)."""
+    return Servers(models)
+
+
+def image_tokens_most(size: tuple[int, int] | None, detail: Any = None, servers: Servers = EVERY_SERVER) -> int:
+    """The most one image of ``size`` (width, height; None: unknown) may be billed by any of ``servers``."""
+    return max(formula.image(size, detail) for formula in servers.formulas)
+
+
+def pdf_tokens_most(pages: int | None, servers: Servers = EVERY_SERVER) -> int:
+    """The most a PDF of ``pages`` pages (None: unknown, the provider's page limit) may be billed by any of
+    ``servers``: a provider refuses a PDF past its page limit, so no more pages than that are reserved."""
+    return max(
+        formula.pdf_page() * min(pages or formula.pdf_pages_most, formula.pdf_pages_most)
+        for formula in servers.formulas
+    )
+
+
+class _Base64:
+    """The bytes of base64 text from ``start`` on, read where asked: only the 4-character groups holding them are
+    decoded (strictly), so that a header is read without decoding, or copying, the image after it."""
+
+    __slots__ = ("data", "start")
+
+    def __init__(self, data: str, start: int = 0) -> None:
+        self.data, self.start = data, start
+
+    def read(self, offset: int, size: int) -> bytes | None:
+        """``size`` bytes from ``offset`` (fewer at the end), None where the text is not strict base64."""
+        first = self.start + offset // 3 * 4
+        last = self.start + -(-(offset + size) // 3) * 4
+        try:
+            decoded = binascii.a2b_base64(self.data[first:last], strict_mode=True)
+        except (binascii.Error, ValueError):
+            return None
+        skip = offset % 3
+        return decoded[skip : skip + size]
+
+    def plain_to(self, offset: int) -> bool:
+        """Whether the text up to byte ``offset`` is base64's alphabet alone: a line break or any other character
+        there, which a lenient decoder skips, would move every byte after it from where ``read`` found it."""
+        chars = self.data[self.start : self.start + -(-offset // 3) * 4]
+        return not chars or (chars.isascii() and chars.encode("ascii").translate(None, b"+/").isalnum())
+
+
+def image_size(data: str, start: int = 0) -> tuple[int, int] | None:
+    """(width, height) an image's base64 ``data`` (from ``start``: a data URL's payload) declares in its header
+    (PNG's IHDR, a JPEG's frame header, GIF's screen and first frame, WebP's VP8, VP8L or VP8X chunk), decoding only
+    the bytes of the header; None for any other type or a header that does not read."""
+    image = _Base64(data, start)
+    head = image.read(0, 32)
+    if head is None or len(head) < 10:
+        return None
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
+        return _positive(*struct.unpack(">II", head[16:24]))
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return _gif_size(image, head)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
+        return _webp_size(head)
+    if head[:2] == b"\xff\xd8":
+        return _jpeg_size(image)
+    return None
+
+
+def _positive(width: int, height: int) -> tuple[int, int] | None:
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", head[26:30])
+        return _positive(width & 0x3FFF, height & 0x3FFF)
+    if chunk == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return _positive((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    if chunk == b"VP8X":
+        return _positive(int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1)
+    return None
+
+
+GIF_HEADER_BYTES_MOST = 4096  # a GIF's first frame is looked for past its colour table and extensions this far
+
+
+def _gif_size(image: _Base64, head: bytes) -> tuple[int, int] | None:
+    """A GIF's logical screen, or its first frame where that is larger (a decoder may grow the canvas to it)."""
+    width, height = struct.unpack("<HH", head[6:10])
+    flags = head[10]
+    offset = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    body = image.read(0, offset + GIF_HEADER_BYTES_MOST)
+    if body is None:
+        return None
+    # Extension blocks (graphic control, comments, application data) before the first image descriptor.
+    while offset < len(body) and body[offset] == 0x21:
+        offset += 2
+        while offset < len(body) and body[offset]:
+            offset += body[offset] + 1
+        offset += 1
+    if offset + 9 > len(body) or body[offset] != 0x2C:
+        return None
+    left, top, frame_width, frame_height = struct.unpack("<HHHH", body[offset + 1 : offset + 9])
+    return _positive(max(width, left + frame_width), max(height, top + frame_height))
+
+
+# A JPEG's start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC, which share the range).
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+JPEG_SEGMENTS_MOST = 256  # segments walked before the frame header (a camera's: a dozen; an ICC profile's: a few more)
+
+
+def _jpeg_size(image: _Base64) -> tuple[int, int] | None:
+    """The frame header's size, found by walking the segments from the start: each segment's 4-byte head is read,
+    its length skips its body (an EXIF thumbnail's own frame header included) undecoded. Found, the text before it is
+    checked to be plain base64 (``_Base64.plain_to``), else the walk's offsets cannot be trusted."""
+    offset = 2
+    for _ in range(JPEG_SEGMENTS_MOST):
+        if offset > JPEG_HEADER_BYTES_MOST:
+            return None
+        head = image.read(offset, 9)
+        if head is None or len(head) < 4 or head[0] != 0xFF:
+            return None
+        marker = head[1]
+        if marker == 0xFF:  # a fill byte
+            offset += 1
+        elif marker in _JPEG_FRAMES:
+            if len(head) < 9 or not image.plain_to(offset):
+                return None
+            height, width = struct.unpack(">HH", head[5:9])
+            return _positive(width, height)
+        elif marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length of their own
+            offset += 2
+        elif marker == 0xDA:  # scan data before any frame header: no JPEG a decoder reads
+            return None
+        else:
+            offset += 2 + struct.unpack(">H", head[2:4])[0]
+    return None
+
+
+# A PDF's page tree's counts (``/Count N``: the root's is every page).
+_PDF_COUNT = re.compile(rb"/Count\s+(\d{1,9})")
+
+
+def pdf_pages(data: bytes) -> int | None:
+    """How many pages a PDF has, at most: the more of its ``/Page`` names (each page object's ``/Type /Page``, and a
+    few others, ``/PageLabels``, ``/PageMode``: an upper bound; not ``/Pages``) and its page tree's largest
+    ``/Count``, in its body and in its object streams (PDF 1.5's compressed objects, inflated: a stream that does not
+    inflate, as an encrypted PDF's, or past ``PDF_INFLATED_BYTES_MOST`` in all, leaves the count unknown). Found by
+    ``bytes.count`` and ``find``, at C speed over the whole file. None when none is found."""
+    texts = [data]
+    inflated = 0
+    position = data.find(b"/ObjStm")
+    while position >= 0:
+        start = data.find(b"stream", position)
+        end = data.find(b"endstream", start)
+        if start < 0 or end < 0:
+            return None
+        start += len(b"stream")
+        start += 2 if data[start : start + 2] == b"\r\n" else 1
+        inflater = zlib.decompressobj()
+        try:
+            texts.append(inflater.decompress(data[start:end], PDF_INFLATED_BYTES_MOST - inflated))
+        except zlib.error:
+            return None
+        if inflater.unconsumed_tail:
+            return None
+        inflated += len(texts[-1])
+        position = data.find(b"/ObjStm", end)
+    names = counted = 0
+    for text in texts:
+        names += text.count(b"/Page") - text.count(b"/Pages")
+        position = text.find(b"/Count")
+        while position >= 0:
+            found = _PDF_COUNT.match(text, position)
+            if found:
+                counted = max(counted, int(found[1]))
+            position = text.find(b"/Count", position + 6)
+    return max(names, counted) or None
+
+
+def _data_url_base64(url: Any) -> int | None:
+    """Where a base64 data URL's payload starts, else None (an http(s) URL, a file id, a percent-encoded data URL)."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        return None
+    comma = url.find(",", 0, 256)  # its header: a media type and its parameters
+    return comma + 1 if comma > 0 and url[:comma].endswith(";base64") else None
+
+
+def _document_most(data: Any, servers: Servers, start: int = 0) -> int:
+    """A document given inline as base64 ``data`` (from ``start``): a PDF by its pages; anything else, or a document
+    given by URL or file id (``data`` None), at the provider's page limit."""
+    if isinstance(data, str):
+        try:
+            raw = binascii.a2b_base64(data[start:] if start else data, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if b"%PDF-" in raw[:1024]:  # PDF readers take a header within the first KiB
+            return pdf_tokens_most(pdf_pages(raw), servers)
+    return pdf_tokens_most(None, servers)
+
+
+def _attachment_most(part: Mapping[str, Any], servers: Servers) -> int:
+    """The most one attachment (a chat completion's image or file part, a Messages image or document block) may be
+    billed by any of ``servers``. A sound is reserved as before, ``IMAGE_TOKENS``."""
+    kind = part.get("type")
+    if kind == "image_url":
+        image = part.get("image_url")
+        url, detail = (image.get("url"), image.get("detail")) if isinstance(image, Mapping) else (image, None)
+        start = _data_url_base64(url)
+        return image_tokens_most(image_size(url, start) if start is not None else None, detail, servers)
+    source = part.get("source")
+    source = source if isinstance(source, Mapping) else {}
+    inline = source.get("data") if source.get("type") == "base64" else None
+    if kind == "image":
+        return image_tokens_most(image_size(inline) if isinstance(inline, str) else None, None, servers)
+    if kind == "file":
+        file = part.get("file")
+        data = file.get("file_data") if isinstance(file, Mapping) else None
+        # A data URL's payload, or (OpenAI's spec: "the base64 encoded file data") the base64 alone.
+        return _document_most(data, servers, _data_url_base64(data) or 0)
+    if kind == "document":
+        if source.get("type") == "text" and isinstance(source.get("data"), str):
+            return len(source["data"].encode("utf-8", "surrogatepass"))  # a byte a token at most
+        if source.get("type") == "content" and isinstance(source.get("content"), list):
+            return sum(
+                len(str(block.get("text") or "").encode("utf-8", "surrogatepass"))
+                if block.get("type") == "text"
+                else _attachment_most(block, servers)
+                for block in source["content"]
+                if isinstance(block, Mapping)
+            )
+        return _document_most(inline, servers)
+    return IMAGE_TOKENS
 
 
 def _dumps(value: Any) -> str:
