@@ -113,8 +113,11 @@ async def _sse(
             for event in events.chunk(chunk):
                 yield _sse_event(response_shown(event, include))
     except ProviderError as exc:
-        # Headers are gone: the stream ends with response.failed, never with a response.completed.
-        for event in _failed(events, _failure_code(exc), refusal_worded(exc.param, exc.message)):
+        # Headers are gone: the stream ends with response.failed, never with a response.completed; its message names
+        # the client's fields, as an error before the stream does.
+        exc.message = refusal_worded(exc.param, exc.message)
+        run.client_refusal_named(exc)
+        for event in _failed(events, _failure_code(exc), exc.message):
             yield _sse_event(event)
         return
     except asyncio.CancelledError:

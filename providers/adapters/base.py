@@ -169,7 +169,8 @@ class BaseAdapter(ABC):
             async for chunk in chunks:
                 for event in translator.feed(chunk):
                     yield WireEvent(event, None)
-        except ProviderBadRequestError as exc:
+        except ProviderError as exc:
+            # A refusal, or an error in-band after the first chunk whose message quotes the chat completion's path.
             raise messages_refusal_named(request, exc) from None
         finally:
             await chunks.aclose()

@@ -57,9 +57,9 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from ..exceptions import ProviderBadRequestError
+from ..exceptions import ProviderBadRequestError, ProviderError
 from .common import CHAT_FIELD_PATH, image_media_type
 
 DEFAULT_MAX_TOKENS = 4096
@@ -915,6 +915,8 @@ def _translated_messages(request: dict[str, Any], origins: list[_Origins] | None
 # the Messages request it was made of (``messages.2.content.1``, ``system``, ...). A field it has none for is named by
 # the nearest one it has, the message's own.
 _Origins = dict[str, str]
+# A provider's error renamed in place and given back (``messages_refusal_named``): a refusal, or an in-band error.
+ProviderErrorT = TypeVar("ProviderErrorT", bound=ProviderError)
 # Inside a tool call or a content part, the chat completion's field and the Messages block's it was made of.
 _CALL_FIELDS = {".function.arguments": ".input", ".function.name": ".name", ".function": "", ".id": ".id"}
 _PART_FIELDS = {".type": ".type", ".text": ".text"}
@@ -978,8 +980,9 @@ def _request_field(request: dict[str, Any], param: str) -> str:
     return _REQUEST_FIELDS.get(head, head) + (f".{rest}" if rest and head not in _REQUEST_FIELDS else "")
 
 
-def messages_refusal_named(request: dict[str, Any], exc: ProviderBadRequestError) -> ProviderBadRequestError:
-    """``exc``, a refusal of the chat completion a Messages ``request`` was translated into, naming the client's own
+def messages_refusal_named(request: dict[str, Any], exc: ProviderErrorT) -> ProviderErrorT:
+    """``exc``, a refusal of the chat completion a Messages ``request`` was translated into (or an error the provider
+    reported in-band after its stream began, quoting the chat completion's paths), naming the client's own
     fields (``messages_field``): its ``param``, and each chat completion's path its message quotes (Anthropic's
     errors carry no ``param``: the message is all a client reads)."""
     exc.message = CHAT_FIELD_PATH.sub(
