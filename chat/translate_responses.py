@@ -776,7 +776,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     ):
         if body.get(name) is not None:
             chat[renamed.get(name, name)] = body[name]
-    tool_fields: dict[str, str] = {}  # a tool sent by another index than the client's (allowed_tools)
+    given: list[int] | None = None  # the client's index of each tool sent, in order, where allowed_tools sent fewer
     if body.get("tools"):
         chat["tools"] = _tools(body["tools"])
         # Beside the tools only: the Responses API takes it without them, OpenAI's chat completions refuse it.
@@ -802,7 +802,6 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         chat = allowed_tools_narrowed(chat)
         kept = {id(tool) for tool in chat["tools"]}
         given = [index for index, tool in enumerate(defined) if id(tool) in kept]
-        tool_fields = {f"tools[{sent}]": f"tools[{index}]" for sent, index in enumerate(given)}
     elif choice is not None:
         chat["tool_choice"] = _tool_choice(choice)
         if not chat.get("tools"):
@@ -846,8 +845,40 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     fields["verbosity"] = "text.verbosity"
     fields["messages"] = "input"
     fields["logprobs"] = "include"
-    fields.update(tool_fields)
+    fields.update(_tool_fields(body, given))
     return chat, fields
+
+
+# A function tool's fields in the chat completion (``tools[N].function.<name>``) and the Responses tool's it was
+# made of: the Responses API's function tools are flat. A custom tool's ``parameters`` and the local shell tool's
+# fields are llmhub's own (``_custom_function``, ``_LOCAL_SHELL_FUNCTION``): named by the tool.
+_FUNCTION_FIELDS = {"function": "", "function.name": ".name", "function.description": ".description"}
+_FUNCTION_FIELDS_OF = {
+    "function": {**_FUNCTION_FIELDS, "function.parameters": ".parameters", "function.strict": ".strict"},
+    CUSTOM: _FUNCTION_FIELDS,
+    LOCAL_SHELL: {"function": ""},
+}
+
+
+def _tool_fields(body: dict[str, Any], given: list[int] | None) -> dict[str, str]:
+    """The client's names of the chat completion's tool fields (``responses_request_to_chat``'s ``fields``): the
+    tool sent as ``tools[N]`` is the client's ``tools[given[N]]`` (another index where ``allowed_tools`` sent fewer),
+    its function's fields the flat tool's (``tools[N].function.parameters`` is ``tools[M].parameters``); and a
+    ``tool_choice`` naming a function (``tool_choice.function.name``) is the Responses choice's ``tool_choice.name``."""
+    fields: dict[str, str] = {}
+    tools = body.get("tools") or ()
+    for sent, index in enumerate(range(len(tools)) if given is None else given):
+        where = f"tools[{index}]"
+        kind = tools[index].get("type")
+        fields[f"tools[{sent}]"] = where
+        fields[f"tools[{sent}].type"] = f"{where}.type"
+        for name, field in _FUNCTION_FIELDS_OF.get(kind, {}).items():
+            fields[f"tools[{sent}].{name}"] = where + field
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") in ("function", CUSTOM):
+        fields["tool_choice.function"] = "tool_choice"
+        fields["tool_choice.function.name"] = "tool_choice.name"
+    return fields
 
 
 def response_id(request_id: str) -> str:

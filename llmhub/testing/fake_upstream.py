@@ -48,7 +48,10 @@ Endpoints
     when the body names none), ``GET /openai/models``; each needs an ``api-version`` query parameter
     (else a 400, as Azure answers; one older than 2024-09-01-preview refuses ``max_completion_tokens`` with Azure's 400
     ``Unrecognized request argument supplied``, a deployment named ``fake-gpt-5`` refuses ``max_tokens`` as OpenAI's
-    does) and takes the key in an ``api-key`` header. Mistral's, under ``/mistral``
+    does) and takes the key in an ``api-key`` header. OpenAI's chat completions (and each route answered as them)
+    refuse a ``strict`` function whose parameters do not close their object (``"additionalProperties": false``) with
+    OpenAI's 400 ``invalid_function_parameters`` naming ``tools[N].function.parameters`` (since 7 December; only the
+    schema's top level is checked). Mistral's, under ``/mistral``
     (``base_url`` ``…/mistral/v1``): ``POST /mistral/v1/chat/completions``, ``…/embeddings``, ``…/fim/completions``
     (Codestral's fill-in-the-middle: ``prompt`` and ``suffix``, answered as its chat completions), ``GET
     /mistral/v1/models``, answered as OpenAI's but strict as Mistral is: a field Mistral does not take
@@ -1449,6 +1452,27 @@ def _mistral_last_role(body: Any) -> web.Response | None:
     return web.json_response(answer, status=400)
 
 
+def _openai_strict_tools(tools: Any) -> web.Response | None:
+    """OpenAI's 400 for a ``strict`` function whose parameters, an object schema, do not say
+    ``"additionalProperties": false`` (strict mode holds the call to the schema, which must then close every object;
+    only the schema's top level is checked here)."""
+    for index, tool in enumerate(tools if isinstance(tools, list) else ()):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or function.get("strict") is not True:
+            continue
+        parameters = function.get("parameters")
+        if isinstance(parameters, dict) and parameters.get("additionalProperties") is not False:
+            return _openai_error(
+                400,
+                f"Invalid schema for function {function.get('name')!r}: In context=(), 'additionalProperties' is "
+                "required to be supplied and to be false.",
+                "invalid_request_error",
+                "invalid_function_parameters",
+                f"tools[{index}].function.parameters",
+            )
+    return None
+
+
 def _openai_error(
     status: int, message: str, kind: str, code: str | None = None, param: str | None = None
 ) -> web.Response:
@@ -2427,6 +2451,9 @@ class _App:
                 "unsupported_parameter",
                 "max_tokens",
             )
+        refused = _openai_strict_tools(body.get("tools"))
+        if refused is not None:
+            return refused
         most = OPENAI_MAX_OUTPUT_TOKENS.get(body["model"])
         for name in ("max_completion_tokens", "max_tokens"):
             value = body.get(name)

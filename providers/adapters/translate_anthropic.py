@@ -920,6 +920,14 @@ ProviderErrorT = TypeVar("ProviderErrorT", bound=ProviderError)
 # Inside a tool call or a content part, the chat completion's field and the Messages block's it was made of.
 _CALL_FIELDS = {".function.arguments": ".input", ".function.name": ".name", ".function": "", ".id": ".id"}
 _PART_FIELDS = {".type": ".type", ".text": ".text"}
+# Inside a tool, the chat completion's function field and the Messages tool's it was made of (``_chat_tool``); any
+# other is named by the tool.
+_TOOL_FIELDS = {
+    ".function.parameters": ".input_schema",
+    ".function.name": ".name",
+    ".function.description": ".description",
+    ".function.strict": ".strict",
+}
 # The chat completion's top-level fields a translation wrote for a Messages field of another name (the others, such
 # as ``temperature`` or ``tool_choice``, are named alike in both).
 _REQUEST_FIELDS = {
@@ -949,7 +957,8 @@ def messages_field(request: dict[str, Any], param: str | None, code: str | None 
         return _request_field(request, param)
     index, rest = int(match["index"]), re.sub(r"\.\[", "[", match["rest"])
     if match["list"] == "tools":
-        return f"tools.{index}" + (".input_schema" if rest.startswith(".function.parameters") else "")
+        field = next((named for chat, named in _TOOL_FIELDS.items() if rest.startswith(chat)), "")
+        return f"tools.{index}{field}"
     origins: list[_Origins] = []
     _translated_messages(request, origins)
     if index >= len(origins):
@@ -977,6 +986,9 @@ def _request_field(request: dict[str, Any], param: str) -> str:
         return "output_config.effort" if given else "thinking.budget_tokens"
     if head == "response_format":
         return "output_format" if request.get("output_format") is not None else "output_config.format"
+    if head == "tool_choice":
+        # A named tool's choice, ``{"type": "tool", "name": ...}``, was sent as ``{"function": {"name": ...}}``.
+        return "tool_choice.name" if rest.startswith("function.name") else "tool_choice"
     return _REQUEST_FIELDS.get(head, head) + (f".{rest}" if rest and head not in _REQUEST_FIELDS else "")
 
 
@@ -984,12 +996,15 @@ def messages_refusal_named(request: dict[str, Any], exc: ProviderErrorT) -> Prov
     """``exc``, a refusal of the chat completion a Messages ``request`` was translated into (or an error the provider
     reported in-band after its stream began, quoting the chat completion's paths), naming the client's own
     fields (``messages_field``): its ``param``, and each chat completion's path its message quotes (Anthropic's
-    errors carry no ``param``: the message is all a client reads)."""
+    errors carry no ``param``: the message is all a client reads, so one that does not quote the field it refuses,
+    as OpenAI's refusal of a tool's schema, begins with it, as the adapters' own do: ``tools.1.input_schema``)."""
     exc.message = CHAT_FIELD_PATH.sub(
         lambda found: messages_field(request, found[0], exc.code) or found[0], exc.message
     )
     if exc.param is not None:
         exc.param = messages_field(request, exc.param, exc.code)
+        if exc.param and exc.param not in exc.message:
+            exc.message = f"`{exc.param}`: {exc.message}"
     exc.args = (exc.message,)
     return exc
 

@@ -98,7 +98,7 @@ def test_an_image_refused_for_its_type_names_the_media_type_and_a_url_source_its
         ({}, "response_format.json_schema.schema", "output_config.format"),
         ({"output_format": {"type": "json_schema"}}, "response_format", "output_format"),
         ({}, "tools[1].function.parameters", "tools.1.input_schema"),
-        ({}, "tools[0].function.name", "tools.0"),
+        ({}, "tools[0].function.name", "tools.0.name"),
         ({}, "temperature", "temperature"),
         ({}, None, None),
     ],
