@@ -142,6 +142,9 @@ Replies
     ``[[arguments=object]]`` (OpenAI only) sends a tool call's (or a legacy function call's) ``arguments`` as the JSON
     object itself, not its text, as Hugging Face TGI and llama.cpp's server with ``--tool-args-object`` do; streamed,
     the whole object in one piece after the call's opening.
+    ``[[logprob=NaN]]`` (or ``Infinity``, ``-Infinity``; OpenAI's chat and text completions) makes every logprob of
+    the reply (each token's and its alternatives') that number, written as Python's JSON writes it, which is no JSON
+    (vLLM's logprob of a token it could not have chosen is ``-Infinity``).
     ``[[tool_calls_shape=object]]`` (OpenAI only, streamed) sends each delta's ``tool_calls`` as the one call piece
     itself, an object, not an array of it, as older versions of Hugging Face TGI's OpenAI-compatible route stream it
     (``"tool_calls": {"index": 0, "id": …, "type": "function", "function": {…}}``).
@@ -647,7 +650,23 @@ def _mask(value: str) -> str:
     return "*" * max(len(value) - 4, 0) + value[-4:] if len(value) > 4 else "*" * len(value)
 
 
+# ``[[logprob=NaN]]`` (``Infinity``, ``-Infinity``): the number every logprob of this request's reply is, as the
+# handler that read the marker set it (module docstring).
+_LOGPROB_SAID: contextvars.ContextVar[float | None] = contextvars.ContextVar("logprob_said", default=None)
+_LOGPROBS_JSON_HAS_NOT = frozenset({"NaN", "Infinity", "-Infinity"})
+
+
+def _logprob_said(directives: dict[str, str]) -> None:
+    """``[[logprob=...]]``: a number JSON has not, which Python's JSON writes as it is (vLLM's logprob of a token
+    it could not have chosen, ``-Infinity``)."""
+    said = directives.get("logprob")
+    _LOGPROB_SAID.set(float(said) if said in _LOGPROBS_JSON_HAS_NOT else None)
+
+
 def _logprob(token: str) -> float:
+    said = _LOGPROB_SAID.get()
+    if said is not None:
+        return said
     return -round((zlib.crc32(token.encode()) % 2000) / 1000, 3)
 
 
@@ -2323,6 +2342,7 @@ class _App:
         invalid = self._validate_openai(body)
         if invalid is not None:
             return invalid
+        _logprob_said(conv.directives)
         if "raw" in conv.directives:
             return await self._raw_answer(
                 request, conv.directives["raw"], stream=stream, encoding=conv.directives.get("raw_encoding")
@@ -2707,6 +2727,7 @@ class _App:
         reply = _build_reply(conv, None, 16 if max_tokens is None else max_tokens, stops, "", self.demo)
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         logprobs = _int_or_none(body.get("logprobs"))
+        _logprob_said(conv.directives)
         echo = body.get("echo") is True
         completion = reply.completion_tokens * n * len(prompts)
         usage = {

@@ -59,6 +59,7 @@ from .openai_shape import (
     completion_conform,
     embeddings_conform,
     json_constant,
+    numbers_finite,
     text_parts_joined,
 )
 from .sse import ServerSentEvent, SSEParser, response_body
@@ -375,7 +376,7 @@ class OpenAIAdapter(BaseAdapter):
             state.see(chunk.get("choices"))
         # An event spread over several `data:` lines holds line breaks: relayed as it came, it would break
         # the client's SSE framing, so that one is encoded again.
-        # So is one that held a number JSON has not (NaN, an infinity), read as another (``json_constant``).
+        # So is one that held a number JSON has not (NaN, an infinity), replaced by another (``numbers_finite``).
         raw = data if b"\n" not in data and b"\r" not in data and not constants else None
         if shape.conform(chunk):
             relayed = raw
@@ -418,7 +419,7 @@ class OpenAIAdapter(BaseAdapter):
         try:
             async with upstream_deadline(self.config):
                 raw = await self._client.completions.with_raw_response.create(**args)
-            completion = json.loads(raw.content)
+            completion, _constants = _decoded(raw.content)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         if isinstance(completion, dict) and completion.get("error"):
@@ -462,7 +463,7 @@ class OpenAIAdapter(BaseAdapter):
         if data.startswith(b"[DONE]"):
             state.done = True
             return None
-        chunk = json.loads(data)
+        chunk, constants = _decoded(data)
         if not isinstance(chunk, dict):
             raise ValueError("not a chunk object")
         if chunk.get("error"):
@@ -470,7 +471,7 @@ class OpenAIAdapter(BaseAdapter):
                 self.config,
                 f"the provider reported an error: {self._upstream_message(chunk['error']) or 'no details'}",
             ) from None
-        raw = data if b"\n" not in data and b"\r" not in data else None
+        raw = data if b"\n" not in data and b"\r" not in data and not constants else None
         if not shape.conform(chunk, whole=False):
             raw = None
         if not state.finished:
@@ -656,17 +657,21 @@ def _is_json(response: httpx2.Response) -> bool:
 
 
 def _decoded(data: bytes) -> tuple[Any, bool]:
-    """A chunk's JSON decoded, and whether it held a number JSON has not (``NaN``, ``Infinity``, ``-Infinity``),
-    read as ``json_constant`` says; only a chunk whose bytes spell one of those words is watched for them."""
+    """A chunk's (or a text completion's) JSON decoded, and whether it held a number JSON has not (``NaN``,
+    ``Infinity``, ``-Infinity``), replaced as ``numbers_finite`` says (a logprob by a finite one); only a chunk whose
+    bytes spell one of those words is watched for them."""
     if b"NaN" not in data and b"Infinity" not in data:
         return json.loads(data), False
     seen: list[str] = []
 
-    def constant(name: str) -> float | None:
+    def constant(name: str) -> float:
         seen.append(name)
         return json_constant(name)
 
-    return json.loads(data, parse_constant=constant), bool(seen)
+    document = json.loads(data, parse_constant=constant)
+    if seen and isinstance(document, dict):
+        numbers_finite(document)
+    return document, bool(seen)
 
 
 def _invalid_fields(body: object) -> list[tuple[str, str]]:

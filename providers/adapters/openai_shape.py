@@ -34,6 +34,8 @@ __all__ = [
     "completion_conform",
     "embeddings_conform",
     "json_constant",
+    "logprob_finite",
+    "numbers_finite",
     "text_parts_joined",
 ]
 
@@ -206,13 +208,63 @@ def _new_id() -> str:
 
 # A number JSON has not, which Python's JSON reads (``NaN``, ``Infinity``, ``-Infinity``: vLLM's logprob of a token
 # it could not have chosen) and would write back as it came, which no strict JSON reader (JavaScript's, Go's)
-# takes. -Infinity is OpenAI's own floor for a logprob, -9999.0; the others are null.
+# takes. -Infinity is OpenAI's own floor for a logprob, -9999.0; the others are null, but in a logprob
+# (``logprobs_finite``).
 _NOT_FINITE = {"-Infinity": -9999.0, "Infinity": None, "NaN": None}
+# OpenAI's logprob of a token very unlikely (``ChatCompletionTokenLogprob``: "the value -9999.0 is used").
+LOGPROB_FLOOR = -9999.0
 
 
-def json_constant(name: str) -> float | None:
-    """``json.loads``' ``parse_constant``: what a chunk's ``NaN``, ``Infinity`` or ``-Infinity`` is read as."""
-    return _NOT_FINITE[name]
+def json_constant(name: str) -> float:
+    """``json.loads``' ``parse_constant``: a chunk's ``NaN``, ``Infinity`` or ``-Infinity`` read as the float it
+    is, for ``numbers_finite`` to replace where it stands."""
+    return float(name)
+
+
+def logprob_finite(value: Any) -> Any:
+    """A logprob as OpenAI's spec types it, a number, never null (chat completions', text completions' and the
+    Responses API's alike): ``NaN`` and ``-Infinity`` are OpenAI's floor (``LOGPROB_FLOOR``, a token very unlikely),
+    ``Infinity`` ``0.0``, the most a log probability is. Any other value as it is."""
+    if type(value) is float and (value != value or value in (float("inf"), float("-inf"))):
+        return 0.0 if value > 0 else LOGPROB_FLOOR
+    return value
+
+
+def _token_logprobs_finite(tokens: Any) -> None:
+    """A chat choice's ``logprobs.content`` (or ``refusal``): each token's logprob and its alternatives', in place."""
+    for token in tokens if type(tokens) is list else ():
+        if type(token) is not dict:
+            continue
+        token["logprob"] = logprob_finite(token.get("logprob"))
+        for alternative in token.get("top_logprobs") if type(token.get("top_logprobs")) is list else ():
+            if type(alternative) is dict:
+                alternative["logprob"] = logprob_finite(alternative.get("logprob"))
+
+
+def _logprobs_finite(logprobs: Any) -> None:
+    """A choice's ``logprobs``, in place: a chat completion's (``content``, ``refusal``: lists of tokens) or a text
+    completion's (``token_logprobs``, a list of logprobs; ``top_logprobs``, a token -> logprob object a step)."""
+    if type(logprobs) is not dict:
+        return
+    _token_logprobs_finite(logprobs.get("content"))
+    _token_logprobs_finite(logprobs.get("refusal"))
+    values = logprobs.get("token_logprobs")
+    if type(values) is list:
+        logprobs["token_logprobs"] = [logprob_finite(value) for value in values]
+    for step in logprobs.get("top_logprobs") if type(logprobs.get("top_logprobs")) is list else ():
+        if type(step) is dict:
+            for token, value in step.items():
+                step[token] = logprob_finite(value)
+
+
+def numbers_finite(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` (a chat or text completion, or a chunk of one, read with ``json_constant``) with each number
+    JSON has not replaced, in place: its choices' logprobs by ``logprob_finite``, any other by ``_NOT_FINITE``."""
+    choices = document.get("choices")
+    for choice in choices if type(choices) is list else ():
+        if type(choice) is dict:
+            _logprobs_finite(choice.get("logprobs"))
+    return _finite(document)
 
 
 def _finite(value: Any) -> Any:
@@ -374,7 +426,7 @@ def completion_conform(
     """Fill in, in place, what ``CreateChatCompletionResponse`` requires and ``completion`` lacks.
     ``model`` (the upstream id asked for) stands in for a missing ``model``; ``content`` spells a message's
     ``content`` that is not a string. Returns ``completion``; raises ``MalformedReply`` for what cannot be filled."""
-    _finite(completion)
+    numbers_finite(completion)
     if not isinstance(completion.get("id"), str):
         completion["id"] = _new_id()
     completion["object"] = _COMPLETION

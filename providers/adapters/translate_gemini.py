@@ -43,6 +43,7 @@ from typing import Any
 
 from ..exceptions import ProviderBadRequestError
 from .common import TOOL_TEXT_REMEDY, image_media_type, message_text, text_parts_only
+from .openai_shape import logprob_finite
 from .translate_anthropic import thinking_budget
 
 _FINISH: dict[str, str] = {
@@ -398,8 +399,10 @@ def _choice_logprobs(candidate: dict[str, Any]) -> dict[str, Any] | None:
 def _token_logprob(candidate: Any) -> dict[str, Any]:
     candidate = candidate if isinstance(candidate, dict) else {}
     token = str(candidate.get("token") or "")
-    # Gemini leaves a zero out (proto3 JSON): a certain token's log probability is 0.
-    return {"token": token, "logprob": candidate.get("log_probability") or 0.0, "bytes": list(token.encode())}
+    # Gemini leaves a zero out (proto3 JSON): a certain token's log probability is 0. Proto3 JSON spells a float JSON
+    # has not as a string ("NaN", "-Infinity"), which the SDK reads as that float: made finite as OpenAI's would be.
+    logprob = logprob_finite(candidate.get("log_probability") or 0.0)
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 def openai_usage(metadata: dict[str, Any] | None) -> dict[str, Any] | None:

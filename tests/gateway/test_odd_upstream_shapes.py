@@ -569,7 +569,8 @@ def _strict(text: str | bytes) -> Any:
 def test_a_number_json_has_not_is_relayed_as_one_json_has(gateway):
     """Before: a logprob of -Infinity or NaN (vLLM's, for a token it could not have chosen) was relayed as it came,
     which is no JSON: a strict client (JavaScript's JSON.parse, Go's) could not read the reply or the chunk.
-    -Infinity is now OpenAI's own floor for a logprob (-9999.0), NaN and Infinity null."""
+    -Infinity is now OpenAI's own floor for a logprob (-9999.0), NaN and Infinity elsewhere null; a logprob NaN is the
+    floor too (since 7 December: until then null, which the spec's number refuses; ``test_logprobs_not_finite.py``)."""
     answer = completion(logprobs=0)
     answer["choices"][0]["logprobs"] = {
         "content": [{"token": "Hello", "logprob": 0, "bytes": [72], "top_logprobs": []}],
@@ -598,7 +599,7 @@ def test_a_number_json_has_not_is_relayed_as_one_json_has(gateway):
     raw = chat_stream(gateway, "hi " + raw_directive(stream_around(b"data: " + spelt + b"\n\n"))).raw
     events = [_strict(block[6:]) for block in raw.split(b"\n\n") if block.startswith(b"data: {")]
     assert [e["choices"][0]["logprobs"] for e in events if e["choices"] and "logprobs" in e["choices"][0]] == [
-        {"content": [{"token": " world", "logprob": None, "bytes": [32], "top_logprobs": []}]}
+        {"content": [{"token": " world", "logprob": -9999.0, "bytes": [32], "top_logprobs": []}]}
     ]
     assert raw.endswith(b"data: [DONE]\n\n")
 
