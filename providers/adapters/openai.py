@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -545,6 +546,14 @@ class OpenAIAdapter(BaseAdapter):
                 f"inputs ({len(data)} came).",
                 provider=self.config.name,
             )
+        for item in data:
+            if not _vector_of_numbers(item.get("embedding"), encoded=encoding == "base64"):
+                # Relayed, a vector no client can use (a NaN in it, JSON no strict reader takes) or out of the spec.
+                raise ProviderMalformedReplyError(
+                    f"The provider {self.config.name!r} answered with an embedding that is not a list of finite "
+                    f"numbers (input {item['index']}).",
+                    provider=self.config.name,
+                )
         if encoding == "base64":
             for item in data:
                 vector = item.get("embedding")
@@ -648,6 +657,20 @@ class OpenAIAdapter(BaseAdapter):
         if not isinstance(message, str):
             return ""
         return scrub(message.strip(), self.config)
+
+
+def _vector_of_numbers(vector: Any, *, encoded: bool) -> bool:
+    """Whether ``vector`` is an embedding as the spec types it, a list of numbers, each finite (no NaN or infinity,
+    which Python's JSON reads); for a request of base64 (``encoded``), also the upstream's own base64 string. One sum
+    in C, not a look at each number: a None or a text in the list is its TypeError, a NaN or an infinity its sum's."""
+    if encoded and type(vector) is str:
+        return True
+    if type(vector) is not list:
+        return False
+    try:
+        return math.isfinite(sum(vector))
+    except TypeError:
+        return False
 
 
 def _is_json(response: httpx2.Response) -> bool:
