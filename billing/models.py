@@ -67,8 +67,9 @@ class ApiKey(models.Model):
     # A list of ``KeyScope`` values rather than one boolean per right: a new right is a new choice, not a
     # migration, and "a child's scopes are a subset of its parent's" stays one set comparison.
     scopes = models.JSONField(default=list, blank=True, help_text="Rights beyond calling models; empty: none.")
-    # CASCADE: a child exists only under its parent, so deleting a key deletes the keys it created (the
-    # ledger keeps their rows, with the key emptied, as for any deleted key).
+    # CASCADE: a child exists only under its parent, so deleting a key deletes the keys it created. The ledger
+    # keeps their rows: the key above that stays gets them (its budget keeps counting their spend), else the key is
+    # emptied (services.keys.api_keys_delete, docs/ledger.md "A deleted key's spend").
     # Rotation: the secret before the newest keeps working until ``previous_secret_expires_at`` (a grace
     # period for clients to switch), then stops everywhere within the key cache's TTL.
     previous_secret_hash = models.CharField(max_length=64, null=True, blank=True, unique=True, editable=False)

@@ -2,7 +2,8 @@
 owner is forgotten by this process's key cache at once and again after commit (other processes within
 ``LLMHUB_LOOKUP_CACHE_TTL``); so are changed limits (plans, a user's plan, a key's). And the keys of users
 being deleted (``accounts.signals.users_deleting``) deleted first, as a key's delete is (``key.delete``); a key deleted
-anywhere else (the shell, a cascade) recorded as ``key.delete`` too. And a catalog model's open operations incidents,
+anywhere else (the shell, a cascade) recorded as ``key.delete`` too, its spend left to the key above it that stays
+(``keys.api_key_spend_keep``). And a catalog model's open operations incidents,
 closed when it is deleted (``ops_alerts.ops_model_incidents_close``), and an alert rule's, when it is
 (``ops_alerts.ops_rule_deleting``); the rules watching a model's name by the name alone, bound to it when a model is
 saved with that name (``ops_alerts.ops_rules_model_bind``)."""
@@ -24,7 +25,7 @@ from providers.models import CatalogModel
 
 from .models import ApiKey, OpsAlertRule, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
-from .services.keys import api_key_deleted_record, api_keys_delete, key_cache
+from .services.keys import api_key_deleted_record, api_key_spend_keep, api_keys_delete, key_cache
 from .services.ops_alerts import ops_model_incidents_close, ops_rule_deleting, ops_rules_model_bind
 from .tasks import budget_counters_put_back
 
@@ -58,6 +59,13 @@ def _api_key_deleted(instance: ApiKey, **kwargs: Any) -> None:
     _forget([digest for digest in (instance.secret_hash, instance.previous_secret_hash) if digest])
     # Whoever deleted it, the audit log says so (the services' own delete records it once, itself).
     api_key_deleted_record(api_key=instance)
+
+
+@receiver(pre_delete, sender=ApiKey)
+def _api_key_deleting(instance: ApiKey, origin: Any = None, **kwargs: Any) -> None:
+    # Before Django's delete sets its ledger rows to null: a key deleted under one that stays leaves its spend to it,
+    # whoever deletes it (the services' own delete moves its keys' rows itself, a batch at a time).
+    api_key_spend_keep(api_key=instance, origin=origin)
 
 
 @receiver(users_deleting)

@@ -26,7 +26,7 @@ from typing import Literal
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Case, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from audit.services import AuditEntry, audit_delete_recorded, audit_deletes_recorded, audit_record, audit_records
@@ -35,7 +35,7 @@ from core.exceptions import ApplicationError
 from core.id_batches import id_batches
 from providers.models import CatalogModel
 
-from ..models import ApiKey, BudgetPeriod, KeyScope
+from ..models import ApiKey, BudgetPeriod, DailyUsage, KeyScope, UsageRecord
 from ..selectors import api_key_ancestor_ids, api_key_subtree_ids, api_keys_subtree, limits_cache
 
 KEY_PREFIX = "sk-llmhub-"
@@ -407,13 +407,15 @@ def api_keys_revoke(*, api_key_ids: Iterable[int]) -> int:
 
 
 def api_key_delete(*, api_key: ApiKey) -> None:
-    """Delete a key and the keys created under it (the ledger keeps their rows, without the key). Revoking
-    is usually what a person wants: a deleted key's rows no longer say which key spent."""
+    """Delete a key and the keys created under it. Their ledger and rollup rows go to the key above it, which
+    answered for their spend (its budget and those above it keep counting it: ``api_keys_delete``); a person's key's
+    rows keep no key. Revoking is usually what a person wants: a deleted key's rows no longer say which key spent."""
     api_keys_delete(api_key_ids=[api_key.pk])
 
 
 # Keys deleted a statement: Django's delete sets to null what refers to them (the ledger's rows, alerts,
-# conversations, responses) naming every key of a batch and of the keys below them.
+# conversations, responses) naming every key of a batch and of the keys below them. The ledger's and the daily
+# rollup's rows of keys with a key left above them are moved to it as many keys a statement.
 KEYS_A_DELETE = 100
 
 
@@ -421,7 +423,13 @@ KEYS_A_DELETE = 100
 def api_keys_delete(*, api_key_ids: Iterable[int]) -> int:
     """Delete these keys and the keys created under them, one event a key deleted (a key selected under another
     selected one goes with that one, in its ``keys_below``), both secrets of every one forgotten. A few queries
-    for each batch of keys, not a few a key (an admin's selection across the list). Returns how many events."""
+    for each batch of keys, not a few a key (an admin's selection across the list). Returns how many events.
+
+    A key deleted under a key that stays (the nearest above it not deleted with it) leaves its spend to that key:
+    its ledger rows and ``DailyUsage`` rows are that key's (``_spend_moved_up``), so that the budgets above it,
+    summed from their subtrees' rows, keep counting what it spent; without, the reconcile took it off them and a
+    parent could spend its budget again. A whole tree deleted (a person's key, a user's keys) leaves its rows
+    without a key, its owner's figures keeping them."""
     ids = set(api_key_ids)
     subtree = api_keys_subtree(ids)
     selected = ids & subtree.keys()
@@ -450,12 +458,55 @@ def api_keys_delete(*, api_key_ids: Iterable[int]) -> int:
                 changes={"prefix": [prefix, None], "keys_below": [sorted(below), []]},
             )
         )
+    heirs: dict[int, int] = {}
+    for top in tops:
+        parent_id = rows[top][0]
+        if parent_id is not None and parent_id not in subtree:  # not a loop made by hand
+            heirs.update(dict.fromkeys(_below(top, children), parent_id))
+    _spend_moved_up(heirs)
     with audit_deletes_recorded(ApiKey, subtree):
         for batch in id_batches(tops, KEYS_A_DELETE):
             ApiKey.objects.filter(pk__in=batch).delete()
     audit_records(entries)
     _forget_secrets(secrets_of)
     return len(entries)
+
+
+def _spend_moved_up(heirs: dict[int, int]) -> None:
+    """Give the ledger's and the daily rollup's rows of each key of ``heirs`` (being deleted) to its heir (the key
+    above it that stays), before the delete would set them to null: one ``UPDATE`` of each table a batch of
+    ``KEYS_A_DELETE`` keys, whatever their heirs. The ledger finds a key's rows in its ``(api_key_id, created_at)``
+    index, the rollup in its ``api_key_id`` one; each row moved is written once, as the null would have written
+    it (docs/ledger.md, "A deleted key's spend"). The rollup's rows go as the ledger's do, so a day rebuilt from the
+    ledger gives the same figures by key, and a sealed day (its raw rows gone) keeps them under the heir too."""
+    for batch in id_batches(sorted(heirs, key=lambda pk: (heirs[pk], pk)), KEYS_A_DELETE):
+        by_heir: dict[int, list[int]] = {}
+        for pk in batch:
+            by_heir.setdefault(heirs[pk], []).append(pk)
+        heir = Case(*(When(api_key_id__in=keys, then=Value(to)) for to, keys in by_heir.items()))
+        for model in (UsageRecord, DailyUsage):
+            model.objects.filter(api_key_id__in=batch).update(api_key_id=heir)
+
+
+def api_key_spend_keep(*, api_key: ApiKey, origin: object) -> None:
+    """For a key deleted other than by ``api_keys_delete`` (``key.delete()`` or a queryset's in the shell or a
+    command, and the keys below it that its delete takes), from ``pre_delete``, before Django's delete sets its rows
+    to null: its ledger and rollup rows go to the nearest key above it that the delete leaves, as
+    ``api_keys_delete`` moves them. Which keys go is read from the delete's ``origin``: a key (the keys below it go
+    with it) or a queryset of keys; any other (its owner's delete) takes every key of the tree, and the rows keep
+    no key. A few queries a key (its keys above, at most ``MAX_KEY_DEPTH``): the shell's deletes are a few keys;
+    the admin's and a user's delete go through ``api_keys_delete``, whose keys are skipped here."""
+    if audit_delete_recorded(api_key):  # api_keys_delete's own: it moved their rows, a batch at a time
+        return
+    by_key = isinstance(origin, ApiKey)
+    if not by_key and not (isinstance(origin, QuerySet) and origin.model is ApiKey):
+        return
+    chain = [api_key.pk, *api_key_ancestor_ids(api_key.pk)]
+    deleted = {origin.pk} if by_key else set(origin.filter(pk__in=chain).values_list("pk", flat=True))
+    # Every key below one the delete takes goes with it: the heir is the key right above the highest such.
+    highest = max((index for index, pk in enumerate(chain) if pk in deleted), default=None)
+    if highest is not None and highest + 1 < len(chain):
+        _spend_moved_up({api_key.pk: chain[highest + 1]})
 
 
 def api_key_deleted_record(*, api_key: ApiKey) -> None:
