@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from django.urls import reverse
-from django_celery_beat.models import CrontabSchedule, PeriodicTask
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler
 
 from llmhub.celery import app
@@ -60,3 +60,22 @@ def test_a_schedule_celery_reads_is_saved_and_beat_runs_its_task(admin_client):
     crontab = CrontabSchedule.objects.get()
     PeriodicTask.objects.create(name="weekend sweep", task="billing.tasks.usage_rollup", crontab=crontab)
     assert "weekend sweep" in DatabaseScheduler(app=app, lazy=True).all_as_schedule()
+
+
+PERIODIC_TASK_ADD = reverse("admin:django_celery_beat_periodictask_add")
+
+
+@pytest.mark.parametrize("task", ["billing.tasks." + "x" * 200, "billing.tasks.usage\x00rollup"])
+def test_a_custom_task_name_the_field_refuses_is_its_error(admin_client, task):
+    """A custom task name past the field's 200 characters, or with a NUL, is the field's own error (the package's
+    form then read the name it had dropped: ``KeyError``, a 500)."""
+    every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.MINUTES)
+
+    response = admin_client.post(
+        PERIODIC_TASK_ADD,
+        {"name": "sweep", "task": task, "interval": every.pk, "enabled": "on", "args": "[]", "kwargs": "{}"},
+    )
+
+    assert response.status_code == 200
+    assert "task" in response.context["adminform"].form.errors
+    assert not PeriodicTask.objects.exists()
