@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from django import forms
@@ -249,6 +250,12 @@ class ApiKeyAdmin(UserSearch, BoundedDeleteConfirmation, admin.ModelAdmin):
 # USAGE LEDGER
 
 
+def _plain(amount: Decimal) -> str:
+    """An amount as the ledger holds it, written out: ``str`` of a Decimal of 10 places below a millionth (every
+    part that costs nothing) is scientific (``0E-10``, ``1.500E-7``)."""
+    return format(amount, "f")
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
     """The ledger is the source of truth for spend: nobody edits or deletes it from the admin."""
@@ -316,42 +323,42 @@ class UsageRecordAdmin(admin.ModelAdmin):
         one_hour = ""
         if parts.cache_write_1h_tokens:
             one_hour = format_html(
-                " and {} to the 1-hour cache at ${}/M", parts.cache_write_1h_tokens, cache_write_1h_price(model)
+                " and {} to the 1-hour cache at ${}/M", parts.cache_write_1h_tokens, _plain(cache_write_1h_price(model))
             )
         searches = ""
         if parts.web_search_requests:
             searches = format_html(
                 " · web search ${} ({} searches at ${}/1,000)",
-                parts.web_search_cost,
+                _plain(parts.web_search_cost),
                 parts.web_search_requests,
-                model.web_search_per_1k,
+                _plain(model.web_search_per_1k),
             )
         tier = ""
         if parts.service_tier:
             # The prices below are the standard ones; the tier's factor multiplied each token's.
-            tier = format_html(" · every token price × {} ({} tier)", parts.price_factor, parts.service_tier)
+            tier = format_html(" · every token price × {} ({} tier)", _plain(parts.price_factor), parts.service_tier)
         return format_html(
             "input ${} ({} tokens at ${}/M) · cached input ${} ({} tokens at ${}/M) · cache write ${} ({} tokens at "
             "${}/M{}) · output ${} ({} tokens at ${}/M){}{} = ${}.<br>Computed now from this row's tokens and the "
             "catalog's current prices, which may have changed since the request; the recorded cost, ${}, is what "
             "was charged.",
-            parts.input_cost,
+            _plain(parts.input_cost),
             parts.input_tokens - parts.cached_input_tokens - parts.cache_write_tokens,
-            model.input_per_mtok,
-            parts.cached_input_cost,
+            _plain(model.input_per_mtok),
+            _plain(parts.cached_input_cost),
             parts.cached_input_tokens,
-            cached_price,
-            parts.cache_write_cost,
+            _plain(cached_price),
+            _plain(parts.cache_write_cost),
             parts.cache_write_tokens - parts.cache_write_1h_tokens,
-            cache_write_price(model),
+            _plain(cache_write_price(model)),
             one_hour,
-            parts.output_cost,
+            _plain(parts.output_cost),
             parts.output_tokens,
-            model.output_per_mtok,
+            _plain(model.output_per_mtok),
             tier,
             searches,
-            parts.total_cost,
-            obj.cost,
+            _plain(parts.total_cost),
+            _plain(obj.cost),
         )
 
     def get_search_results(
