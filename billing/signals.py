@@ -6,7 +6,9 @@ anywhere else (the shell, a cascade) recorded as ``key.delete`` too, its spend l
 (``keys.api_key_spend_keep``). And a catalog model's open operations incidents,
 closed when it is deleted (``ops_alerts.ops_model_incidents_close``), and an alert rule's, when it is
 (``ops_alerts.ops_rule_deleting``); the rules watching a model's name by the name alone, bound to it when a model is
-saved with that name (``ops_alerts.ops_rules_model_bind``)."""
+saved with that name (``ops_alerts.ops_rules_model_bind``). And a delete of catalog models in the admin refused
+while it would leave a key with no model, which reads as every model
+(``providers.signals.catalog_models_delete_refusals``)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from django.dispatch import receiver
 from accounts.signals import users_deleting
 from core.cache import forget_now_and_after_commit
 from providers.models import CatalogModel
+from providers.signals import catalog_models_delete_refusals
 
 from .models import ApiKey, OpsAlertRule, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
@@ -163,6 +166,32 @@ def _model_deleting(*, instance: CatalogModel, **kwargs: Any) -> None:
     # Whatever deletes it (its admin page, the bulk action, the shell): its open error-rate, latency and spend-spike
     # incidents are closed and told as no recovery, before its rows go to null and would read as a recovery.
     ops_model_incidents_close(model_id=instance.pk, name=instance.name)
+
+
+# The most keys a refused delete names (the admin's page lists them): the first are enough to act on.
+REFUSAL_KEYS_NAMED = 100
+
+
+@receiver(catalog_models_delete_refusals)
+def _keys_left_without_a_model(*, model_ids: list[int], **kwargs: Any) -> list[str]:
+    # A key's empty model list means every model its owner's plan allows: a delete that took every model a key
+    # (not revoked) may use would free it to call them all. Narrowing a key that keeps another model is fine.
+    kept = ApiKey.allowed_models.through.objects.exclude(catalogmodel_id__in=model_ids).values("apikey_id")
+    keys = (
+        ApiKey.objects.filter(revoked_at__isnull=True, allowed_models__in=model_ids)
+        .exclude(pk__in=kept)
+        .distinct()
+        .select_related("user")
+        .prefetch_related("allowed_models")
+        .order_by("pk")[:REFUSAL_KEYS_NAMED]
+    )
+    return [
+        f"{', '.join(sorted(model.name for model in key.allowed_models.all()))}: the only "
+        f"{'model' if len(key.allowed_models.all()) == 1 else 'models'} the key {key.prefix} ({key.name}, "
+        f"{key.user.get_username()}) may use. Deleted, the key could use every model its owner's plan allows: give "
+        "it another model, or revoke it, first."
+        for key in keys
+    ]
 
 
 @receiver(pre_delete, sender=OpsAlertRule)

@@ -11,7 +11,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import models
-from django.db.models import Count, Max, Min, QuerySet
+from django.db.models import Count, Max, Min, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.utils.html import format_html
@@ -30,6 +30,7 @@ from .services.breakers import deployment_upstream_changed
 from .services.credentials import provider_host_change_record, providers_delete
 from .services.health import providers_health_check
 from .services.model_import import provider_import_models
+from .signals import catalog_models_delete_refusals
 from .types import HealthResult
 
 logger = logging.getLogger(__name__)
@@ -343,13 +344,19 @@ class CatalogModelAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple[Any, Any, Any, list[str]]:
         """Django's, with a model that other models fall back to (by name, in either list) shown as protected:
         deleted, their fallbacks would silently stop working, as a rename would (``CatalogModelAdminForm``).
-        The delete page (and the bulk action) then refuses it, naming them."""
+        So is one that is all a gateway key may use (``catalog_models_delete_refusals``): an empty list means every
+        model. The delete page (and the bulk action) then refuses it, naming them."""
         deleted, counts, permissions_needed, protected = super().get_deleted_objects(objs, request)
         going = {obj.name for obj in objs}
         for obj in objs:
             referrers = [name for name in fallback_referrers(obj.name) if name not in going]
             if referrers:
                 protected = [*protected, f"{obj.name}: the fallbacks of {', '.join(referrers)} name it"]
+        # The rows of the apps above whose meaning the delete would change (a gateway key left with no model).
+        ids = [obj.pk for obj in objs]
+        taken = list(CatalogModel.objects.filter(Q(pk__in=ids) | Q(alias_of__in=ids)).values_list("pk", flat=True))
+        for _receiver, refusals in catalog_models_delete_refusals.send(sender=CatalogModel, model_ids=taken):
+            protected = [*protected, *refusals]
         return deleted, counts, permissions_needed, protected
 
     inlines = (DeploymentInline,)

@@ -11,7 +11,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models import QuerySet
 from django.db.models.signals import post_delete, post_save, pre_delete
-from django.dispatch import receiver
+from django.dispatch import Signal, receiver
 from django.utils import timezone
 
 from accounts.signals import users_deleting
@@ -24,6 +24,12 @@ from .models import CatalogModel, Deployment, Provider, ProviderCredential
 from .selectors import catalog_cache
 from .services.credentials import owners_credentials_delete, provider_credential_deleted_record
 from .services.incidents import deployment_incidents_keep
+
+# Sent by the catalog's admin with ``model_ids`` (the public models a delete would take, their aliases too) before it
+# offers the delete: an app above providers, which providers cannot import, answers with a list of reasons to refuse
+# it, each naming a row of its own whose meaning the delete would change (billing: a key left with no model, which
+# reads as every model). The admin shows them as the rows that protect the models.
+catalog_models_delete_refusals = Signal()
 
 
 @receiver([post_save, post_delete], sender=Provider)
