@@ -77,6 +77,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # Content-Security-Policy on every page (core/csp.py, LLMHUB_CSP below); async-native: no thread hop.
     "core.csp.ContentSecurityPolicyMiddleware",
+    # A NUL byte in an admin address's query is a 400, not PostgreSQL's DataError (core/admin_query.py).
+    "core.admin_query.AdminNulQueryMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
