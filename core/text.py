@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from django.core.exceptions import ValidationError
+
 
 def has_lone_surrogate(text: str) -> bool:
     """Whether ``text`` holds a surrogate code point. ASCII text holds none; other text is put to UTF-8's own
@@ -51,6 +53,24 @@ def json_storable(value: Any) -> Any:
     if isinstance(value, list):
         return [json_storable(item) for item in value]
     return value
+
+
+def _json_has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in str(name) or _json_has_nul(item) for name, item in value.items())
+    if isinstance(value, list):
+        return any(_json_has_nul(item) for item in value)
+    return False
+
+
+def validate_json_storable(value: Any) -> None:
+    """A form's JSON (an admin's, stored as typed) with a NUL in a string or a key (``\\u0000``) is that field's
+    error: PostgreSQL's ``jsonb`` refuses it (``DataError``, a server error), where ``json_storable`` would silently
+    change what the admin wrote."""
+    if _json_has_nul(value):
+        raise ValidationError("A NUL character (\\u0000) cannot be stored: take it out of the strings and names.")
 
 
 def url_shown(url: str) -> str:

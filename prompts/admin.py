@@ -26,6 +26,8 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
+from core.text import validate_json_storable
+
 from .exceptions import PromptVersionInvalidError
 from .models import BrandProfile, PromptLabel, PromptTemplate, PromptVersion
 from .services import (
@@ -104,17 +106,20 @@ class PromptTemplateForm(forms.ModelForm):
     )
     variables = PrettyJSONField(
         required=False,
+        validators=[validate_json_storable],
         widget=_json_widget(12),
         help_text='A list of {"name", "type": string|integer|number|boolean|array|object, "default"?, '
         '"required"?, "example"?, "description"?}.',
     )
     output_schema = PrettyJSONField(
         required=False,
+        validators=[validate_json_storable],
         widget=_json_widget(16),
         help_text="A JSON schema (Draft 2020-12) the reply must satisfy, or empty.",
     )
     field_limits = PrettyJSONField(
         required=False,
+        validators=[validate_json_storable],
         widget=_json_widget(6),
         help_text='Characters per field: {"headline": 30, "features[].title": 50} ([] for each item of a list).',
     )

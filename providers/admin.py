@@ -19,6 +19,7 @@ from django.utils.timesince import timesince
 
 from core.admin_delete import BoundedDeleteConfirmation
 from core.exceptions import ApplicationError
+from core.text import validate_json_storable
 
 from .admin_deployments import DeploymentForm
 from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem, fallback_referrers
@@ -340,6 +341,8 @@ def _price_span(low: Decimal | None, high: Decimal | None) -> str:
 @admin.register(CatalogModel)
 class CatalogModelAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     form = CatalogModelAdminForm
+    # The parameter rules as typed: a NUL in them is the field's error, not PostgreSQL's DataError.
+    formfield_overrides = {models.JSONField: {"validators": [validate_json_storable]}}
 
     def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple[Any, Any, Any, list[str]]:
         """Django's, with a model that other models fall back to (by name, in either list) shown as protected:
