@@ -55,13 +55,14 @@ def json_storable(value: Any) -> Any:
     return value
 
 
-def _json_has_nul(value: Any) -> bool:
+def json_has_nul(value: Any) -> bool:
+    """Whether a JSON value holds U+0000 in a string or a name, at any depth."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any("\x00" in str(name) or _json_has_nul(item) for name, item in value.items())
+        return any("\x00" in str(name) or json_has_nul(item) for name, item in value.items())
     if isinstance(value, list):
-        return any(_json_has_nul(item) for item in value)
+        return any(json_has_nul(item) for item in value)
     return False
 
 
@@ -69,7 +70,7 @@ def validate_json_storable(value: Any) -> None:
     """A form's JSON (an admin's, stored as typed) with a NUL in a string or a key (``\\u0000``) is that field's
     error: PostgreSQL's ``jsonb`` refuses it (``DataError``, a server error), where ``json_storable`` would silently
     change what the admin wrote."""
-    if _json_has_nul(value):
+    if json_has_nul(value):
         raise ValidationError("A NUL character (\\u0000) cannot be stored: take it out of the strings and names.")
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 
+from core.text import json_has_nul
+
 _INT32_MAX = 2**31 - 1
 _INT64 = (-(2**63), 2**63 - 1)
 _RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
@@ -56,6 +58,8 @@ def overrides_validate(overrides: Any) -> dict[str, Any]:
             not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema")
         ):
             raise ValidationError({name: "Expected an object of type text, json_object or json_schema."})
+        if json_has_nul(value):  # PostgreSQL's jsonb cannot hold it: its DataError was a 500
+            raise ValidationError({name: "A NUL character (\\u0000) cannot be stored."})
     return overrides
 
 
