@@ -4,6 +4,7 @@ for both SDKs, whether from a template made by an earlier call or not; calls of 
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import anthropic
@@ -157,3 +158,23 @@ async def test_posted_options_are_the_ones_the_sdk_constructs(make, monkeypatch)
                 if isinstance(value, (dict, list)) and name != "json_data":
                     assert all(value is not other.__dict__[name] for _, other, *_ in sent[:-2]), name
     assert len(client.__dict__["_options_templates"]) == 3
+
+
+@pytest.mark.parametrize("make", [openai_client, anthropic_client], ids=["openai", "anthropic"])
+def test_no_idempotency_key_is_made_for_a_client_that_sends_none(make, monkeypatch):
+    """The SDKs make a key for every request but a GET and send it only from a client with an idempotency header,
+    which neither has: no key is made for those (a UUID4 each, docs/performance.md, 7 December). A client with such
+    a header gets the SDK's own, a fresh one each time, and its request carries it."""
+    client, _, options_class = make()
+    made: list[uuid.UUID] = []
+    real_uuid4 = uuid.uuid4
+    monkeypatch.setattr(uuid, "uuid4", lambda: made.append(real_uuid4()) or made[-1])
+    assert client._idempotency_header is None
+    assert client._idempotency_key() == sdk_requests._IDEMPOTENCY_KEY_UNSENT
+    assert made == []
+    client._idempotency_header = "Idempotency-Key"
+    first, second = client._idempotency_key(), client._idempotency_key()
+    assert (first, second) == tuple(f"stainless-python-retry-{key}" for key in made)
+    call = options(options_class, TEMPLATED[0], 1)
+    call.idempotency_key = first
+    assert client._build_request(call).headers["Idempotency-Key"] == first
