@@ -23,9 +23,10 @@ requests under the configured prefixes go to this handler, which
 - makes that hop only when there is something to check (``core/db_use.py``): when the request used the
   database, or the hop's thread used its connections since its last check. Otherwise the response is
   closed where it is, and ``request_finished``'s other receivers (``close_caches``, ``reset_urlconf``:
-  context-local, no I/O with our cache backends) run here. The hop was most of this handler's own CPU
-  (in-process, a view that does nothing: 313–389 µs a request with it, 83–125 µs without, on a loaded
-  machine), and most /v1 requests use no connection on that thread.
+  context-local, no I/O with our cache backends) run here; ``close_caches`` only when a configured cache's
+  backend closes something (``_caches_close_something``: neither Redis's nor the local memory's does). The hop
+  was most of this handler's own CPU (in-process, a view that does nothing: 313–389 µs a request with it,
+  83–125 µs without, on a loaded machine), and most /v1 requests use no connection on that thread.
 
 What ``SecurityMiddleware`` does for the full stack is done here too, from headers computed once
 (``TransportSecurity``): HSTS and the other security headers on every response, and, where production
@@ -50,13 +51,15 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core import signals
-from django.core.cache import close_caches
+from django.core.cache import caches, close_caches
+from django.core.cache.backends.base import BaseCache
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.base import reset_urlconf
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponse
 from django.urls import ResolverMatch, get_resolver, set_script_prefix
+from django.utils.module_loading import import_string
 
 from core.db_use import (
     RequestDatabaseUse,
@@ -327,8 +330,32 @@ async def _response_close(response: HttpResponse, database_use: RequestDatabaseU
             logger.debug("closing a response's resource failed", exc_info=True)
     response._resource_closers.clear()
     response.closed = True
-    close_caches(sender=MiddlewareFreeASGIHandler)
+    if _caches_close_something():
+        close_caches(sender=MiddlewareFreeASGIHandler)
     reset_urlconf(sender=MiddlewareFreeASGIHandler)
+
+
+# The configured caches (``caches.settings``, a new dict whenever ``CACHES`` changes) and whether any of their
+# backends closes something at a request's end.
+_caches_closing: tuple[Any, bool] = (None, True)
+
+
+def _caches_close_something() -> bool:
+    """Whether ``close_caches`` (``request_finished``'s receiver) has anything to do: whether a configured cache's
+    backend has a ``close`` of its own. Redis's and the local memory's (production's and the tests') inherit
+    ``BaseCache.close``, which does nothing, and ``close_caches`` still asked asgiref's ``Local`` for each alias
+    whether it was used (4 µs of CPU in a loop, more in a request: docs/performance.md, 7 December). A backend
+    that closes something (memcached's) is closed after every request, as Django does."""
+    global _caches_closing
+    configured = caches.settings
+    known, closing = _caches_closing
+    if known is not configured:
+        try:
+            closing = any(import_string(cache["BACKEND"]).close is not BaseCache.close for cache in configured.values())
+        except Exception:  # a backend that cannot be imported fails where it is used; Django's path is kept here
+            closing = True
+        _caches_closing = (configured, closing)
+    return closing
 
 
 def _response_close_checking(response: HttpResponse) -> None:

@@ -15,7 +15,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import signals
-from django.core.cache import close_caches
+from django.core.cache import caches, close_caches
+from django.core.cache.backends.locmem import LocMemCache
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.base import reset_urlconf
 from django.db import close_old_connections, connection, reset_queries
@@ -160,6 +161,38 @@ def test_a_v1_request_that_used_no_database_is_closed_without_a_hop(request_sign
             assert status == 401 and b'"code":"missing_api_key"' in body
         assert finished.calls == []  # no hop: nothing to check
         assert len(closed_requests) == 3  # the response's closers ran all the same
+
+    asyncio.run(scenario())
+
+
+class ClosingCache(LocMemCache):
+    """A backend with a ``close`` of its own, as memcached's has."""
+
+    def close(self, **kwargs: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("backend", ["", "tests.test_handlers.ClosingCache"], ids=["no-close", "a-close"])
+def test_caches_are_closed_after_a_request_without_a_hop_when_a_backend_closes_something(
+    request_signals, monkeypatch, settings, backend
+):
+    """``close_caches`` asks every cache used whether to close it: nothing to do for Redis's and the local memory's
+    backends (``BaseCache.close``), so the handler skips it (docs/performance.md, 7 December); with a backend that
+    closes something, it runs after every request as Django's ``request_finished`` would."""
+    if backend:
+        settings.CACHES = {**settings.CACHES, "other": {"BACKEND": backend}}
+    closes: list[bool] = []
+    monkeypatch.setattr(caches, "close_all", lambda: closes.append(True))
+
+    async def scenario() -> None:
+        await call("/v1/models")
+        closes.clear()
+        request_signals[1].calls.clear()
+        for _ in range(2):
+            status, _, body = await call("/v1/models")
+            assert status == 401 and b'"code":"missing_api_key"' in body
+        assert request_signals[1].calls == []  # closed here, without the hop
+        assert closes == ([True, True] if backend else [])
 
     asyncio.run(scenario())
 
