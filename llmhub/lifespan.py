@@ -97,10 +97,14 @@ async def _warm_up() -> None:
     (~0.7 s). Import the URLconf too: Django imports it on the first request, and with it every view
     module (the experiments' statistics import SciPy): 1.4 s that a burst of first requests queued behind
     (docs/streams.md). Build the block-list's character tables (0.2 s, which the first text that is not ASCII
-    under a block-list waited for). Then read the breakers shared through Redis."""
+    under a block-list waited for). Import every configured provider kind's adapter, and its SDK, whether the
+    catalog serves one yet or not: a provider of a new kind added in the admin later would import its SDK on the
+    loop at its first request, seconds in which the process served nothing (no stream relayed, no heartbeat
+    stamped). Then read the breakers shared through Redis."""
+    from django.conf import settings
     from django.urls import Resolver404, get_resolver
 
-    from providers.adapters.registry import adapter_for
+    from providers.adapters.registry import adapter_class_for_kind, adapter_for
     from providers.moderation import plain_form
     from providers.selectors import models_enabled
 
@@ -108,6 +112,11 @@ async def _warm_up() -> None:
     with contextlib.suppress(Resolver404):
         resolver.resolve("/v1/chat/completions")  # imports every view module and fills the resolver's tables
     plain_form("é")
+    for kind in settings.LLMHUB_ADAPTERS:
+        try:
+            adapter_class_for_kind(kind)
+        except Exception:
+            logger.exception("could not import the adapter of provider kind %s", kind)
 
     try:
         models = await models_enabled()

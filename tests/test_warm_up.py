@@ -1,6 +1,7 @@
 """The lifespan's warm-up imports the URLconf before the first request (llmhub/lifespan.py): Django would
 otherwise import it, and every view module with it (SciPy among them), while the first requests wait. It builds
-the block-list's character tables too (docs/moderation.md), which the first text that is not ASCII waited for."""
+the block-list's character tables too (docs/moderation.md), which the first text that is not ASCII waited for, and
+imports every configured provider kind's adapter and SDK, whether the catalog serves one yet or not."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ assert "url_patterns" in vars(resolver), "the URLconf was not imported"
 assert "chat.api_openai" in sys.modules and "experiments.apis" in sys.modules
 from providers.moderation import _plain_form
 assert _plain_form.cache_info().currsize == 1, "the block-list's character tables were not built"
+# Every configured kind's adapter, with its SDK: a provider of a kind the catalog did not have at start-up, added
+# in the admin later, would import its SDK on the loop at its first request, seconds every request waited for.
+from django.conf import settings
+for dotted in settings.LLMHUB_ADAPTERS.values():
+    assert dotted.rsplit(".", 1)[0] in sys.modules, dotted + " was not imported"
+assert "openai" in sys.modules and "anthropic" in sys.modules
 print("warm")
 """
 
