@@ -54,7 +54,10 @@ answers (``model``, ``provider`` and ``deployment`` say who: another deployment 
 fallback model, when the first ones failed; ``experiment``, ``"name:variant"`` when the reply is in an
 A/B experiment, as REST's ``x-llmhub-experiment``, else null); a reply that fails before any output gets
 ``chat.started`` with ``deployment`` null, then its ``error``. An ``error`` after ``chat.started`` ends the
-reply and keeps what was written (status ``error``). A ``chat.send`` refused by the pipeline (unknown model, one outside
+reply and keeps what was written (status ``error``). A ``chat.cancel`` keeps the user's message whenever it comes:
+one before the reply began (even before the turn read its conversation) gets ``chat.started`` with ``deployment``
+null, then ``chat.cancelled`` naming the empty stopped reply (``docs/reliability.md``).
+A ``chat.send`` refused by the pipeline (unknown model, one outside
 the plan or the key's models, bad input, no budget, rate limited) gets an ``error`` and, as on REST, a
 ``rejected`` ledger row (a model outside the plan or the key's models is answered to a socket signed in with a key or
 token as /v1 answers it, ``model_not_found`` like an unknown one; the chat page's, a browser session's, names the

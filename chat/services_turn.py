@@ -22,7 +22,9 @@ A turn, in order:
    meanwhile, from the first wait for a token to the final write, it stamps the reply's heartbeat every
    ``LLMHUB_CHAT_HEARTBEAT_INTERVAL`` seconds, which tells the other processes it is alive (a reply whose
    process died stops beating, and soon no longer holds its conversation: ``selectors.messages_abandoned``);
-5. writes the reply's final status: ``complete``; ``cancelled`` when stopped (what was written is kept);
+5. writes the reply's final status: ``complete``; ``cancelled`` when stopped (what was written is kept; a user's
+   stop before the reply began, even during step 1, still goes through steps 2 and 3: the message is kept under
+   an empty stopped reply, with the request's ``cancelled`` ledger row, never dropped);
    ``error`` when the upstream failed, before or during the reply, or the server's shutdown ended it (the
    partial reply is kept).
 
@@ -114,7 +116,8 @@ class TurnCompleted:
 @dataclass(frozen=True, slots=True)
 class TurnCancelled:
     """Stopped: ``by_user`` (``ChatTurn.stop``), or because its owner is going away. ``message_id`` is None
-    when the turn was stopped before anything was written."""
+    when its owner went away before anything was written; a user's stop, at any point, keeps the user's message
+    (with an empty reply when it came before the reply began)."""
 
     message_id: int | None
     usage: TurnUsage | None
@@ -232,10 +235,13 @@ class ChatTurn:
             if error is failure:
                 raise
             raise error from failure
-        if self._stop_requested:
-            # Stopped before anything was admitted: nothing to settle, nothing to keep.
-            await self.report(TurnCancelled(message_id=None, usage=None, by_user=self._stopped_by_user))
+        if self._stop_requested and not self._stopped_by_user:
+            # Its owner went away before anything was admitted (a socket closed): no one to answer, nothing kept; the
+            # page gives the message back when its socket drops before the reply began.
+            await self.report(TurnCancelled(message_id=None, usage=None, by_user=False))
             return None
+        # A user's stop, however early, goes on to keep the message with an empty stopped reply, as one a moment
+        # later does: the run is admitted already cancelled, and the relay ends it before it sends anything.
         turns = [*context.turns, Turn("user", self.content)]
 
         def shape(model: ResolvedModel) -> list[dict[str, Any]]:

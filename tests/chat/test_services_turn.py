@@ -104,13 +104,35 @@ async def test_a_stopped_turn_keeps_what_was_written_and_ends_normally(alice, ch
     assert (cancelled.usage.completion_tokens, cancelled.usage.cost) == (record.completion_tokens, record.cost)
 
 
-async def test_a_turn_stopped_before_it_is_admitted_writes_nothing(alice, chat_model):
+async def test_a_turn_whose_owner_goes_away_before_it_is_admitted_writes_nothing(alice, chat_model):
+    turn = turn_for(alice, chat_model.name, "hi")
+    task = asyncio.create_task(turn.run())
+    turn.stop(by_user=False)
+    await task
+    assert turn.report.events == [TurnCancelled(message_id=None, usage=None, by_user=False)]
+    assert await Message.objects.acount() == 0
+    await ledger_flush()
+    assert await UsageRecord.objects.acount() == 0
+
+
+async def test_a_turn_stopped_by_its_user_before_it_is_admitted_keeps_the_message(alice, chat_model):
+    """The user's message is not dropped however early the stop: it is kept under an empty stopped reply (until 7
+    December nothing was written, and the page's transcript showed a message no reload would)."""
     turn = turn_for(alice, chat_model.name, "hi")
     task = asyncio.create_task(turn.run())
     turn.stop(by_user=True)
     await task
-    assert turn.report.events == [TurnCancelled(message_id=None, usage=None, by_user=True)]
-    assert await Message.objects.acount() == 0
+    started, cancelled = turn.report.events
+    assert isinstance(started, TurnStarted) and started.deployment is None
+    assert cancelled == TurnCancelled(message_id=started.message_id, usage=cancelled.usage, by_user=True)
+    messages = [m async for m in Message.objects.filter(conversation_id=started.conversation_id)]
+    assert [(m.role, m.content, m.status) for m in messages] == [
+        (Role.USER, "hi", MessageStatus.COMPLETE),
+        (Role.ASSISTANT, "", MessageStatus.CANCELLED),
+    ]
+    await ledger_flush()
+    record = await UsageRecord.objects.aget()
+    assert (record.request_id, record.status, record.completion_tokens) == (messages[1].request_id, "cancelled", 0)
 
 
 async def test_the_history_is_trimmed_to_the_resolved_models_context_window(alice, chat_model, fake_upstream):
