@@ -32,7 +32,8 @@ and 4403.
 Protocol (JSON both ways)::
 
     → {"type": "chat.send", "conversation": id|null, "model": "...", "content": "...", "request_id": "opt",
-       "reasoning_effort": "low"|"medium"|"high"|null (opt; a model whose catalog entry says it reasons)}
+       "reasoning_effort": "low"|"medium"|"high"|null (opt; a model whose catalog entry says it reasons),
+       "client": "opt; who sends, the same on every socket it opens (the chat page: one per page load)"}
     → {"type": "chat.cancel", "request_id": "..."}
     → {"type": "ping"}
     ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider", "deployment",
@@ -72,7 +73,12 @@ conversation a key starts records it.
 Each ``chat.send`` runs in its own task, so several conversations stream at once on one socket; one
 conversation streams one reply at a time, whichever socket, tab or server process sends: a send into a
 conversation with a reply streaming answers ``conversation_busy`` (the check is the database's,
-``chat.selectors.conversation_busy_check``; a reply a dead server left streaming does not hold it).
+``chat.selectors.conversation_busy_check``; a reply a dead server left streaming does not hold it). A reply streaming
+for the ``client`` a send names, on another socket, does not hold it either: that client lost the socket (its network
+vanished without a close, which the server finds only when its keepalive gives up, up to 20 s), and its send takes
+the conversation over: the old reply is stopped as on a disconnect (kept ``cancelled`` with what was written, billed
+once for what the upstream wrote), in whichever process streams it, and the new one streams. Two live tabs are two
+clients, and still one reply at a time; a socket's own second send into a conversation it streams in is busy.
 The turn itself (history, messages, checkpoints, cancel, final status) is ``chat.services_turn.ChatTurn``:
 this consumer parses and checks events, authenticates, keeps track of its streams, and turns what each
 turn reports into events.
@@ -100,6 +106,7 @@ from core.text import has_lone_surrogate
 
 from .callers import caller_role_recheck
 from .pipeline import Caller, caller_from_api_key, caller_from_user, refusal_as_unknown_model, shutdown_began
+from .selectors import ConversationBusyError
 from .services_turn import (
     ChatTurn,
     TurnCancelled,
@@ -463,6 +470,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         effort = event.get("reasoning_effort")
         if effort is not None and effort not in REASONING_EFFORTS:
             raise SocketError("'reasoning_effort' must be " + ", ".join(REASONING_EFFORTS) + ", or null (off).")
+        client = event.get("client")
+        if client is not None and not _printable_id(client):
+            raise SocketError(f"'client' must be a string of 1 to {MAX_REQUEST_ID_CHARS} printable characters.")
+        if conversation_id is not None and any(
+            other.turn.conversation_id == conversation_id for other in self.streams.values()
+        ):
+            # This socket streams there itself: not a socket its client lost, which a send takes over.
+            raise SocketError(ConversationBusyError().message, code=ConversationBusyError.code)
         assert self.caller is not None
         turn = ChatTurn(
             caller=self.caller,
@@ -471,6 +486,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             content=text,
             report=lambda turn_event: self._turn_event(stream, turn_event),
             reasoning_effort=effort,
+            client=client or "",
         )
         stream = _Stream(request_id=request_id, turn=turn)
         self.streams[request_id] = stream
@@ -526,8 +542,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 }
             )
         elif isinstance(event, TurnCancelled):
-            # Stopped for any other reason than the user's cancel, the socket is going away: no one to tell.
-            if event.by_user:
+            # Stopped by the socket's going away (a disconnect, a key revoked, a client let go): no one to tell. Stopped
+            # because its reply was closed elsewhere (its conversation deleted in another tab, a takeover), a socket
+            # still there is told, or its reply would stream on the page for ever.
+            if event.by_user or event.closed_elsewhere:
                 await self._send(
                     {
                         "type": "chat.cancelled",
@@ -595,9 +613,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
 def _client_request_id(event: Any) -> str | None:
     value = event.get("request_id") if isinstance(event, dict) else None
-    if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isprintable():
-        return value
-    return None
+    return value if _printable_id(value) else None
+
+
+def _printable_id(value: Any) -> bool:
+    """A client's id for a request or for itself: 1 to ``MAX_REQUEST_ID_CHARS`` printable characters."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isprintable()
 
 
 def _usage_event(usage: TurnUsage | None) -> dict[str, Any] | None:

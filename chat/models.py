@@ -91,6 +91,10 @@ class Message(models.Model):
     # LLMHUB_CHAT_HEARTBEAT_INTERVAL seconds, so a reply whose process died is known dead within seconds
     # (``chat.selectors.messages_abandoned``). Null on rows from before it existed.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Who streams a reply: the client that sent it (the chat page's load, a program's own id: ``chat.send``'s
+    # ``client``), empty when it named none. A send of that client from another socket into the conversation takes the
+    # reply over (``chat.services.chat_turn_begin``): the socket it streams on is one the client has lost.
+    stream_client = models.CharField(max_length=64, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["created_at", "id"]

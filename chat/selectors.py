@@ -76,13 +76,16 @@ def messages_abandoned(*, now: datetime) -> QuerySet[Message]:
     )
 
 
-def conversation_busy_check(*, conversation_id: int, now: datetime | None = None) -> None:
+def conversation_busy_check(*, conversation_id: int, now: datetime | None = None, client: str = "") -> None:
     """Raise ``ConversationBusyError`` while a reply streams in the conversation; one a dead server left
-    streaming (``messages_abandoned``) does not count."""
+    streaming (``messages_abandoned``) does not count, nor one streaming for ``client`` (a send of that client's
+    takes it over: ``chat.services.chat_turn_begin``)."""
     now = now or timezone.now()
     streaming = Message.objects.filter(
         conversation_id=conversation_id, role=Role.ASSISTANT, status=MessageStatus.STREAMING
     ).exclude(pk__in=messages_abandoned(now=now).filter(conversation_id=conversation_id).values("pk"))
+    if client:
+        streaming = streaming.exclude(stream_client=client)
     if streaming.exists():
         raise ConversationBusyError()
 
@@ -169,14 +172,15 @@ class TurnContext:
     turns: tuple[Turn, ...] = ()
 
 
-def turn_context(*, reach: ConversationReach, conversation_id: int | None) -> TurnContext:
+def turn_context(*, reach: ConversationReach, conversation_id: int | None, client: str = "") -> TurnContext:
     """The context of a new turn: empty for a new conversation (``conversation_id=None``). A conversation
-    with a reply streaming is busy (``ConversationBusyError``): checked here, before the turn is admitted,
-    and again where its messages are written (``chat.services.chat_turn_begin``)."""
+    with a reply streaming is busy (``ConversationBusyError``; not one streaming for the same ``client``, which
+    the turn takes over): checked here, before the turn is admitted, and again where its messages are written
+    (``chat.services.chat_turn_begin``)."""
     if conversation_id is None:
         return TurnContext()
     conversation = conversation_get(reach=reach, conversation_id=conversation_id)
-    conversation_busy_check(conversation_id=conversation.pk)
+    conversation_busy_check(conversation_id=conversation.pk, client=client)
     return TurnContext(conversation.system_prompt, tuple(conversation_turns(conversation=conversation)))
 
 

@@ -45,6 +45,7 @@ def chat_turn_begin(
     provider_name: str,
     content: str,
     request_id: str,
+    client: str = "",
 ) -> TurnRows:
     """The user's message and an empty reply in ``streaming`` state, written together.
 
@@ -55,8 +56,12 @@ def chat_turn_begin(
 
     One reply streams in a conversation at a time, whichever socket or process sends: under the
     conversation's row lock (SQLite: the transaction's write lock), a reply still streaming there refuses
-    the turn with ``ConversationBusyError``, and one a dead server left streaming is closed first. The reply
-    begins with its heartbeat, which the turn streaming it keeps stamping (``message_heartbeat``).
+    the turn with ``ConversationBusyError``, and one a dead server left streaming is closed first. So is one
+    streaming for the same ``client`` (a chat page, a program naming itself), from a socket it has lost: its network
+    vanished without a close, and the server would not know the socket dead before its keepalive gives up (up to
+    20 s). Its turn, in whichever process, sees its reply closed at its next checkpoint or heartbeat and stops itself
+    (``chat.services_turn.ChatTurn``), settled once for what the upstream wrote. The reply begins with its heartbeat,
+    which the turn streaming it keeps stamping (``message_heartbeat``).
     """
     created = conversation_id is None
     now = timezone.now()
@@ -74,6 +79,8 @@ def chat_turn_begin(
         if conversation is None:
             raise NotFoundError(f"No conversation {conversation_id}.", param="conversation")
         messages_close_abandoned(now=now, conversation_id=conversation.pk)
+        if client:
+            messages_take_over(conversation_id=conversation.pk, client=client)
         conversation_busy_check(conversation_id=conversation.pk, now=now)
         conversation.model_name = model_name
         conversation.archived = False
@@ -88,22 +95,40 @@ def chat_turn_begin(
         usage_record_id=request_id,
         status=MessageStatus.STREAMING,
         heartbeat_at=now,
+        stream_client=client,
     )
     return TurnRows(conversation, user_message, assistant_message, created)
 
 
-def message_content_save(*, message_id: int, content: str, reasoning: str = "") -> None:
+# What a reply taken over by its client's new socket says (as the page says of a reply its dropped socket cut).
+TAKEN_OVER_NOTE = "The connection dropped; the reply was stopped when the conversation went on from a new one."
+
+
+def messages_take_over(*, conversation_id: int, client: str) -> int:
+    """Close the replies streaming in the conversation for ``client``, which sends there again from another socket:
+    ``cancelled``, their checkpointed text kept until their turn's final write brings the rest."""
+    return Message.objects.filter(
+        conversation_id=conversation_id, role=Role.ASSISTANT, status=MessageStatus.STREAMING, stream_client=client
+    ).update(status=MessageStatus.CANCELLED, error_message=TAKEN_OVER_NOTE)
+
+
+def message_content_save(*, message_id: int, content: str, reasoning: str = "") -> bool:
     """Checkpoint a reply (and the model's reasoning before it) while it streams, so a reload (or a crash) shows
-    what was written so far."""
-    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(
-        content=text_storable(content), reasoning=text_storable(reasoning)
+    what was written so far. False when the reply no longer streams: closed by another writer (taken over by its
+    client's new socket, closed as abandoned), and its turn should stop."""
+    return bool(
+        Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(
+            content=text_storable(content), reasoning=text_storable(reasoning)
+        )
     )
 
 
-def message_heartbeat(*, message_id: int) -> None:
+def message_heartbeat(*, message_id: int) -> bool:
     """Say that the reply is still streaming, alive in the process that streams it (``messages_abandoned``);
-    a reply already finished (or closed as abandoned) is left as it is."""
-    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(heartbeat_at=timezone.now())
+    a reply already finished (or closed as abandoned, or taken over) is left as it is, and the answer is False."""
+    return bool(
+        Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(heartbeat_at=timezone.now())
+    )
 
 
 def message_finish(
@@ -111,7 +136,7 @@ def message_finish(
     message_id: int,
     content: str,
     status: MessageStatus,
-    error_message: str = "",
+    error_message: str | None = "",
     model_name: str | None = None,
     provider_name: str | None = None,
     reasoning: str = "",
@@ -119,14 +144,16 @@ def message_finish(
 ) -> None:
     """The reply's final text, the model's reasoning before it, its status and (complete) why it ended.
     ``model_name`` / ``provider_name``: who answered, when routing chose another provider (a deployment) or model
-    (a fallback) than the reply was begun with."""
+    (a fallback) than the reply was begun with. ``error_message`` None keeps the one the reply has (the note of
+    whoever closed it before its turn's final write)."""
     fields: dict[str, object] = {
         "content": text_storable(content),
         "reasoning": text_storable(reasoning),
         "status": status,
-        "error_message": text_storable(error_message, 500),
         "finish_reason": text_storable(finish_reason, 32),
     }
+    if error_message is not None:
+        fields["error_message"] = text_storable(error_message, 500)
     if model_name is not None:
         fields["model_name"] = model_name
     if provider_name is not None:

@@ -8,14 +8,16 @@ A turn, in order:
 1. reads the conversation's system prompt and history (another user's conversation, or one the caller's
    gateway key does not reach, ``selectors.ConversationReach``, is not found: a
    ``rejected`` ledger row, as for any refused request; one with a reply streaming, from any socket or
-   process, is busy: ``conversation_busy``, refused before it is a request, with no row);
+   process, is busy: ``conversation_busy``, refused before it is a request, with no row; not one streaming for
+   this turn's ``client``, on a socket that client lost, which step 3 takes over);
 2. starts the run through the pipeline (``completion_start``), which resolves the model and calls back
    ``shape`` to trim the history to that model's context window (``chat.history``): a request refused
    there (unknown model, not in the plan, bad input, no budget) gets its ``rejected`` ledger row, as a
    REST one does;
 3. writes the user's message and an empty reply in ``streaming`` state, checking again under the
    conversation's lock that no reply streams there (two sends at once: the loser's run is released at no
-   cost, with its ``rejected`` row);
+   cost, with its ``rejected`` row); a reply streaming for the same client is closed there, and its turn, seeing
+   it closed at its next checkpoint or heartbeat, stops as on a disconnect;
 4. relays the reply (and the model's reasoning before it, ``TurnReasoning``), saving both every
    ``CHECKPOINT_SECONDS`` (a reload, or a crash, shows them), and reports ``TurnStarted`` with the first
    chunk, once routing knows which deployment answers;
@@ -122,6 +124,9 @@ class TurnCancelled:
     message_id: int | None
     usage: TurnUsage | None
     by_user: bool
+    # Stopped because its reply no longer streamed in the database: taken over by its client's new socket, its
+    # conversation deleted (in another tab), closed by a sweep. The socket may still be there to be told.
+    closed_elsewhere: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +153,7 @@ class ChatTurn:
         content: str,
         report: Callable[[TurnEvent], Awaitable[None]],
         reasoning_effort: str | None = None,
+        client: str = "",
     ) -> None:
         self.caller = caller
         self.conversation_id = conversation_id  # set once a new conversation is written
@@ -155,6 +161,9 @@ class ChatTurn:
         self.content = content
         self.reasoning_effort = reasoning_effort  # the page's effort control; None: not asked to reason
         self.report = report
+        # Who sends (the chat page's load, a program's own id; empty: unnamed): its send from another socket takes over
+        # a reply streaming for it, one from a socket it lost (``chat.services.chat_turn_begin``).
+        self.client = client
         self._task: asyncio.Task[Any] | None = None
         self._run: CompletionRun | None = None
         self._rows: services.TurnRows | None = None
@@ -167,6 +176,7 @@ class ChatTurn:
         self._stopped_by_user = False
         self._answered = False  # a first chunk arrived: the run knows its deployment
         self._started_reported = False
+        self._closed_elsewhere = False  # the reply was closed by another writer (taken over by its client's new socket)
 
     def stop(self, *, by_user: bool) -> None:
         """End the turn: ``by_user`` (the user asked; the run is recorded ``cancelled``), or because its owner
@@ -220,7 +230,9 @@ class ChatTurn:
             body["reasoning_effort"] = self.reasoning_effort
         try:
             context = await database_sync_to_async(selectors.turn_context)(
-                reach=selectors.conversation_reach(self.caller), conversation_id=self.conversation_id
+                reach=selectors.conversation_reach(self.caller),
+                conversation_id=self.conversation_id,
+                client=self.client,
             )
         except selectors.ConversationBusyError:
             # Refused before it became a request (as a socket's own checks refuse): no ledger row.
@@ -283,6 +295,7 @@ class ChatTurn:
             provider_name=run.model.provider.name,
             content=self.content,
             request_id=run.request_id,
+            client=self.client,
         )
         self.conversation_id = rows.conversation.pk
         self._rows = rows
@@ -323,11 +336,19 @@ class ChatTurn:
                 await self._report_started(run)
                 await self.report(TurnFailed(shutdown))
                 return
-            # Closing the stream settled the run: what was delivered is billed, and the usage says so.
-            await self._finish(run, message_id, MessageStatus.CANCELLED)
+            # Closing the stream settled the run: what was delivered is billed, and the usage says so. A reply closed by
+            # another writer keeps that writer's note.
+            await self._finish(
+                run, message_id, MessageStatus.CANCELLED, error_message=None if self._closed_elsewhere else ""
+            )
             await self._report_started(run)
             await self.report(
-                TurnCancelled(message_id=message_id, usage=TurnUsage.of(run.result), by_user=self._stopped_by_user)
+                TurnCancelled(
+                    message_id=message_id,
+                    usage=TurnUsage.of(run.result),
+                    by_user=self._stopped_by_user,
+                    closed_elsewhere=self._closed_elsewhere,
+                )
             )
             if not self._own_cancellation():
                 raise
@@ -393,26 +414,40 @@ class ChatTurn:
         while True:
             await asyncio.sleep(settings.LLMHUB_CHAT_HEARTBEAT_INTERVAL)
             try:
-                await database_sync_to_async(services.message_heartbeat)(message_id=message_id)
+                streaming = await database_sync_to_async(services.message_heartbeat)(message_id=message_id)
             except DATABASE_OUTAGE_ERRORS:
                 # A missed beat or two is allowed for (``selectors.HEARTBEATS_MISSED``); the next one may land.
                 logger.warning("a heartbeat of the reply %s was skipped: the database is unavailable", message_id)
+            else:
+                if not streaming:
+                    self._stop_closed_elsewhere()
+
+    def _stop_closed_elsewhere(self) -> None:
+        """The reply no longer streams in the database, closed by another writer: its client sent again from a new
+        socket (``chat.services.messages_take_over``, in any process), its conversation was deleted, or a sweep took
+        it for dead. Nobody will see the rest: stopped as on a disconnect, settled for what the upstream wrote."""
+        if self._streaming and not self._stop_requested:
+            self._closed_elsewhere = True
+            self.stop(by_user=False)
 
     async def _checkpoint(self, message_id: int) -> None:
         try:
-            await database_sync_to_async(services.message_content_save)(
+            streaming = await database_sync_to_async(services.message_content_save)(
                 message_id=message_id, content="".join(self._written), reasoning="".join(self._reasoning)
             )
         except DATABASE_OUTAGE_ERRORS:
             # Only a checkpoint: the reply goes on, and the next one (or the finish) saves it.
             logger.warning("a checkpoint of the reply %s was skipped: the database is unavailable", message_id)
+        else:
+            if not streaming:
+                self._stop_closed_elsewhere()
 
     async def _finish(
         self,
         run: CompletionRun,
         message_id: int,
         status: MessageStatus,
-        error_message: str = "",
+        error_message: str | None = "",
         finish_reason: str = "",
     ) -> None:
         answered = run.answered_by if self._answered else None

@@ -70,6 +70,10 @@
     sidebarStale: false, // a redraw is owed once the rename is done
     lastError: "", // the message of the server's latest error event: the reason of a close that follows it
     forbidden: false, // closed with CLOSE_FORBIDDEN: the page no longer reconnects
+    // This page load, named in every chat.send: after its socket dropped without a close (the network vanished), a send
+    // from the new socket takes over the conversation the old one still streams into on the server, instead of being
+    // refused as busy until the server gives that socket up (chat/consumers.py). Another tab is another client.
+    clientId: newRequestId(),
   };
 
   /* Markdown ----------------------------------------------------------------------------------- */
@@ -540,6 +544,7 @@
         content: text,
         request_id: requestId,
         reasoning_effort: effort,
+        client: state.clientId,
       }),
     );
     el.prompt.value = "";
