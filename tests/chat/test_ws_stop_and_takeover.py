@@ -16,7 +16,7 @@ from django.test import Client
 from billing.models import UsageRecord
 from billing.services.ledger import ledger_flush
 from chat import selectors, services, services_turn
-from chat.models import Message, MessageStatus, Role
+from chat.models import Conversation, Message, MessageStatus, Role
 from chat.pipeline import Caller
 from tests.chat.conftest import deltas, ends, events_until
 from tests.waiting import wait_until_async
@@ -247,3 +247,30 @@ async def test_a_conversation_deleted_in_another_tab_ends_the_reply_streaming_in
     record = await UsageRecord.objects.aget()
     assert (record.status, record.endpoint) == ("client_disconnected", "websocket")
     assert record.completion_tokens >= len(deltas(events, "r1").split())
+
+
+async def test_another_users_send_naming_the_same_client_is_not_found_and_takes_nothing_over(
+    alice, bob, chat_model, socket_for
+):
+    """The takeover is only within the conversations a caller reaches: another user's send into the conversation,
+    whatever client it names, is answered ``not_found`` as before, and the reply streaming there goes on."""
+    ws_alice, ws_bob = await socket_for(alice), await socket_for(bob)
+    await send(ws_alice, content=LONG_REPLY, model=chat_model, request_id="r1", client="page-1")
+    conversation_id = (await receive_deltas(ws_alice, "r1", 1))[0]["conversation"]
+
+    await send(
+        ws_bob, content="let me in", model=chat_model, conversation=conversation_id, request_id="b1", client="page-1"
+    )
+    refused = (await events_until(ws_bob, ends("b1")))[-1]
+    assert (refused["type"], refused["code"], refused["message"]) == (
+        "error",
+        "not_found",
+        f"No conversation {conversation_id}.",
+    )
+    await handled(ws_alice)
+    reply = await Message.objects.aget(conversation_id=conversation_id, role=Role.ASSISTANT)
+    assert (reply.status, reply.error_message) == (MessageStatus.STREAMING, "")
+    assert await Message.objects.filter(content="let me in").aexists() is False
+    assert await Conversation.objects.filter(owner=bob).aexists() is False
+    await ws_alice.send_json_to({"type": "chat.cancel", "request_id": "r1"})
+    assert (await events_until(ws_alice, ends("r1")))[-1]["type"] == "chat.cancelled"
