@@ -185,7 +185,9 @@ async def test_two_live_clients_still_stream_one_reply_at_a_time_in_a_conversati
 async def test_a_reply_taken_over_from_another_process_stops_at_its_next_heartbeat(alice, chat_model, settings):
     """The takeover is written in the database, by whichever process the new socket reached: the old reply's turn,
     waiting for a first token that has not come (no checkpoint to notice it), stops at its next heartbeat."""
-    settings.LLMHUB_CHAT_HEARTBEAT_INTERVAL = 0.2
+    # Short, to notice the takeover soon; not shorter: a worker's first test imports the providers' SDKs on the loop,
+    # which beats no heartbeat meanwhile (4 intervals missed: the reply is taken for abandoned, not taken over).
+    settings.LLMHUB_CHAT_HEARTBEAT_INTERVAL = 2.5
     events = []
 
     async def report(event) -> None:
@@ -214,7 +216,7 @@ async def test_a_reply_taken_over_from_another_process_stops_at_its_next_heartbe
         request_id="req_elsewhere",
         client="page-1",
     )
-    await asyncio.wait_for(running, 15)
+    await asyncio.wait_for(running, 30)
     # No text came from the upstream: the reply began, and ended cancelled long before its first token.
     assert [type(event) for event in events] == [services_turn.TurnStarted, services_turn.TurnCancelled]
     assert events[1].by_user is False and events[1].message_id == reply.pk
