@@ -13,14 +13,26 @@ from django.conf import settings
 from django.test import Client
 
 from billing.services.ledger import ledger_flush
+from providers.adapters.registry import adapter_class_for_kind
 from providers.models import CatalogModel
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
 ORIGIN = "http://127.0.0.1:8000"
 
 
+@pytest.fixture(scope="session")
+def provider_sdks_imported() -> None:
+    """The providers' SDKs imported, once per test process, as the server's start-up imports them before its first
+    request (``llmhub.lifespan._warm_up``; a socket test runs the app without its lifespan). Otherwise a worker's
+    first reply imports them inside its first upstream call, on the event loop: seconds (over 10 with four workers
+    on two cores) in which no heartbeat is stamped, no frame handled and no test's wait runs, so a reply begun then
+    was taken for abandoned, and a wait for its end timed out."""
+    for kind in settings.LLMHUB_ADAPTERS:
+        adapter_class_for_kind(kind)
+
+
 @pytest.fixture
-def chat_model(transactional_db, fake_upstream) -> CatalogModel:
+def chat_model(transactional_db, fake_upstream, provider_sdks_imported) -> CatalogModel:
     provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
     return ModelFactory(provider=provider, context_window=16_000, max_output_tokens=1_000)
 

@@ -185,8 +185,9 @@ async def test_two_live_clients_still_stream_one_reply_at_a_time_in_a_conversati
 async def test_a_reply_taken_over_from_another_process_stops_at_its_next_heartbeat(alice, chat_model, settings):
     """The takeover is written in the database, by whichever process the new socket reached: the old reply's turn,
     waiting for a first token that has not come (no checkpoint to notice it), stops at its next heartbeat."""
-    # Short, to notice the takeover soon; not shorter: a worker's first test imports the providers' SDKs on the loop,
-    # which beats no heartbeat meanwhile (4 intervals missed: the reply is taken for abandoned, not taken over).
+    # Short, to notice the takeover soon; 4 intervals (10 s) is how late the takeover below may be written after the
+    # reply began without finding it abandoned. The providers' SDKs are imported before (``provider_sdks_imported``):
+    # imported in the reply's upstream call, they held the loop (the test's wait with it) for over 10 s under xdist.
     settings.LLMHUB_CHAT_HEARTBEAT_INTERVAL = 2.5
     events = []
 
