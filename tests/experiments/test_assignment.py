@@ -213,7 +213,11 @@ def test_ten_thousand_users_keep_their_variant_across_processes_restarts_and_a_r
 
 # THE SAME THROUGH TWO LIVE SERVER PROCESSES
 
-END_USERS = [f"end-user-{n}" for n in range(12)]
+# Where assignment puts an end user depends on the key's id, which the tests run before in a worker decide: of
+# these, the test sends those that land in each variant and outside the experiment (12 fixed ones all landed outside
+# the treatment once, a chance of 0.6^12).
+END_USERS = [f"end-user-{n}" for n in range(200)]
+EACH = 4
 
 
 class ServerProcess:
@@ -230,10 +234,10 @@ class ServerProcess:
         )
         wait_for_port(self.port, timeout=60, process=self.process)
 
-    def headers(self, key: str, model: str) -> list[str | None]:
+    def headers(self, key: str, model: str, end_users: list[str]) -> list[str | None]:
         client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
         seen = []
-        for end_user in END_USERS:
+        for end_user in end_users:
             raw = client.chat.completions.with_raw_response.create(
                 model=model, messages=[{"role": "user", "content": "hello"}], user=end_user
             )
@@ -251,20 +255,28 @@ def test_requests_get_the_same_variant_from_two_server_processes_and_after_a_res
     ab = ab_experiment(control=40, treatment=40)
     created = api_key_create(user=UserFactory(username="app"), name="app")
     assign = async_to_sync(experiment_assign)
-    expected = []
+    chosen: dict[str | None, list[str]] = {}
     for end_user in END_USERS:
         unit = assignment_unit(user_id=created.api_key.user_id, api_key_id=created.api_key.pk, end_user=end_user)
         assignment = assign(model_id=ab.model.pk, unit=unit)
-        expected.append(assignment.header if assignment is not None else None)
-    assert {"ab-test:control", "ab-test:treatment"} <= set(expected)
+        landed = chosen.setdefault(assignment.header if assignment is not None else None, [])
+        if len(landed) < EACH:
+            landed.append(end_user)
+    assert {header: len(users) for header, users in chosen.items()} == {
+        "ab-test:control": EACH,
+        "ab-test:treatment": EACH,
+        None: EACH,
+    }
+    end_users = [end_user for users in chosen.values() for end_user in users]
+    expected = [header for header, users in chosen.items() for _ in users]
 
     servers = [ServerProcess(tmp_path / "a.log"), ServerProcess(tmp_path / "b.log")]
     try:
-        assert servers[0].headers(created.secret, "ab-model") == expected
-        assert servers[1].headers(created.secret, "ab-model") == expected
+        assert servers[0].headers(created.secret, "ab-model", end_users) == expected
+        assert servers[1].headers(created.secret, "ab-model", end_users) == expected
         servers[0].stop()
         servers[0] = ServerProcess(tmp_path / "a.log")  # a restart
-        assert servers[0].headers(created.secret, "ab-model") == expected
+        assert servers[0].headers(created.secret, "ab-model", end_users) == expected
     finally:
         for server in servers:
             server.stop()
