@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import redis
@@ -71,18 +72,24 @@ def store(request, settings):
 FLAT_TOKEN = Decimal("0.0001")
 
 
-async def spend_settled(account: dict, request_id: str, tokens: int) -> None:
-    """A request of ``tokens`` completion tokens on ``account["flat"]``, admitted and settled as ok
-    (``account``: ``user``, ``key``, ``flat``)."""
-    admission = await admission_acquire(
+async def flat_admitted(account: dict, request_id: str, tokens: int, *, api_key: Any = None) -> Any:
+    """The admission of a request of at most ``tokens`` completion tokens on ``account["flat"]`` (``account``:
+    ``user``, ``key``, ``flat``), on ``api_key`` (default ``account["key"]``)."""
+    return await admission_acquire(
         user_id=account["user"].pk,
-        api_key_id=account["key"].pk,
+        api_key_id=(api_key if api_key is not None else account["key"]).pk,
         key_allowed_model_ids=None,
         model=account["flat"],
         body={"model": "flat-model", "messages": [], "max_tokens": tokens},
         request_id=request_id,
         prompt_tokens_upper=0,
     )
+
+
+async def spend_settled(account: dict, request_id: str, tokens: int) -> None:
+    """A request of ``tokens`` completion tokens on ``account["flat"]``, admitted and settled as ok
+    (``account``: ``user``, ``key``, ``flat``)."""
+    admission = await flat_admitted(account, request_id, tokens)
     await admission_settle(
         admission=admission, cost=tokens * FLAT_TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True
     )

@@ -6,7 +6,6 @@ Both admission stores, the clock pinned in mid-month."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
 
 import pytest
 import time_machine
@@ -14,16 +13,16 @@ from asgiref.sync import sync_to_async
 
 from billing.exceptions import QuotaExceededError
 from billing.models import BudgetPeriod, Plan
-from billing.services.admission import admission_acquire, admission_settle
+from billing.services.admission import admission_settle
 from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
+from tests.billing.conftest import FLAT_TOKEN, flat_admitted
 from tests.factories import UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-TOKEN = Decimal("0.0001")  # one completion token of the flat model
 MID_MONTH = datetime(2026, 12, 15, 12, 0, tzinfo=UTC)
 
 
@@ -43,32 +42,22 @@ def account(plans, catalog, clock):
 
 async def spend(account, request_id: str, tokens: int) -> None:
     """A request of ``tokens`` completion tokens, admitted, settled and written to the ledger."""
-    admission = await admit(account, request_id, tokens)
-    await admission_settle(admission=admission, cost=tokens * TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True)
+    admission = await flat_admitted(account, request_id, tokens)
+    await admission_settle(
+        admission=admission, cost=tokens * FLAT_TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True
+    )
     await sync_to_async(UsageRecordFactory)(
         request_id=request_id,
         user=account["user"],
         api_key=account["key"],
-        cost=tokens * TOKEN,
+        cost=tokens * FLAT_TOKEN,
         prompt_tokens=0,
         completion_tokens=tokens,
     )
 
 
-async def admit(account, request_id: str, tokens: int):
-    return await admission_acquire(
-        user_id=account["user"].pk,
-        api_key_id=account["key"].pk,
-        key_allowed_model_ids=None,
-        model=account["flat"],
-        body={"model": "flat-model", "messages": [], "max_tokens": tokens},
-        request_id=request_id,
-        prompt_tokens_upper=0,
-    )
-
-
 async def limits(api_key, period: str | None) -> None:
-    budget = None if period is None else 50 * TOKEN
+    budget = None if period is None else 50 * FLAT_TOKEN
     await sync_to_async(api_key_limits_set)(api_key=api_key, budget_usd=budget, budget_period=period or "monthly")
 
 
@@ -84,24 +73,24 @@ async def test_a_keys_monthly_budget_taken_up_again_counts_what_was_spent_meanwh
     await limits(account["key"], BudgetPeriod.MONTHLY)
 
     with pytest.raises(QuotaExceededError):
-        await admit(account, "past-the-budget", 20)
-    await admit(account, "within-it", 10)
+        await flat_admitted(account, "past-the-budget", 20)
+    await flat_admitted(account, "within-it", 10)
 
 
 async def test_a_users_monthly_budget_taken_up_again_counts_what_was_spent_meanwhile(store, account):
     """The same for a user's monthly budget, their plan's: set, spent under, lifted by an admin, spent without, set
     again."""
     plan = await sync_to_async(Plan.objects.create)(
-        name="Metered", allow_all_models=True, monthly_budget_usd=50 * TOKEN
+        name="Metered", allow_all_models=True, monthly_budget_usd=50 * FLAT_TOKEN
     )
     await sync_to_async(plan_assign)(user=account["user"], plan=plan)
     await spend(account, "under-the-plan", 10)
     plan.monthly_budget_usd = None
     await sync_to_async(plan.save)()
     await spend(account, "lifted", 30)
-    plan.monthly_budget_usd = 50 * TOKEN
+    plan.monthly_budget_usd = 50 * FLAT_TOKEN
     await sync_to_async(plan.save)()
 
     with pytest.raises(QuotaExceededError):
-        await admit(account, "past-the-budget", 20)
-    await admit(account, "within-it", 10)
+        await flat_admitted(account, "past-the-budget", 20)
+    await flat_admitted(account, "within-it", 10)

@@ -18,13 +18,13 @@ from django.urls import reverse
 
 from billing.exceptions import QuotaExceededError
 from billing.models import ApiKey, DailyUsage, DailyUsageSeal, UsageRecord
-from billing.services.admission import admission_acquire, admission_settle
+from billing.services.admission import admission_settle
 from billing.services.counters import budget_counters_reconcile
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from billing.services.rollups import daily_usage_rebuild
 from providers.selectors import resolved_model
-from tests.billing.conftest import FLAT_TOKEN
+from tests.billing.conftest import FLAT_TOKEN, flat_admitted
 from tests.factories import UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -58,15 +58,7 @@ def tree(plans, catalog, clock):
 
 
 def admit(tree, key: ApiKey, request_id: str, tokens: int):
-    return async_to_sync(admission_acquire)(
-        user_id=tree["user"].pk,
-        api_key_id=key.pk,
-        key_allowed_model_ids=None,
-        model=tree["flat"],
-        body={"model": "flat-model", "messages": [], "max_tokens": tokens},
-        request_id=request_id,
-        prompt_tokens_upper=0,
-    )
+    return async_to_sync(flat_admitted)(tree, request_id, tokens, api_key=key)
 
 
 def spend(tree, key: ApiKey, request_id: str, tokens: int, *, created_at: datetime | None = None) -> UsageRecord:
