@@ -54,9 +54,14 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 OWNER_FILE = ".owner"
 LOCK_FILE = ".lock"
 
-# Seconds: whole requests (a long stream runs minutes), the first token, and llmhub's own share (sub-ms).
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+# Seconds: whole requests, the first token, and llmhub's own share (sub-ms). A stream runs as long as it writes (only
+# its idle time is bounded: a long reply at a few dozen tokens a second takes ten minutes and more), and its first
+# token may come as late as the request's deadline (LLMHUB_REQUEST_DEADLINE_SECONDS, 300 s by default: a reasoning
+# model writes nothing until it has thought, a minute or more). A value past the last finite bucket is counted in
+# +Inf only, and a quantile over it reads as that bucket's bound: until 7 December the first token's stopped at 30 s
+# and a request's at 300 s, and a p95 of two minutes read as 30 s.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0)
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 

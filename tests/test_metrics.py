@@ -297,6 +297,56 @@ def test_a_streams_time_to_first_token_is_observed_unrounded_and_within_its_dura
     assert record.ttft_ms == round(milliseconds)
 
 
+def smallest_finite_bucket(text: str, name: str, **labels: str) -> float | None:
+    """The smallest finite ``le`` of histogram ``name`` (its series with ``labels``) whose bucket counts every
+    observation of the series: the most a quantile over them can read. None when only +Inf counts them all."""
+    buckets = [
+        (float(got["le"]), v) for n, got, v in samples(text) if n == name + "_bucket" and labels.items() <= got.items()
+    ]
+    everything = max(v for _, v in buckets)
+    finite = [bound for bound, v in buckets if bound != float("inf") and v == everything]
+    return min(finite) if finite else None
+
+
+def test_first_tokens_and_streams_as_slow_as_llm_requests_get_fall_in_finite_buckets(llmhub_server, scraping, settings):
+    """A reasoning model writes its first token once it has thought (a minute or more), up to the request's deadline,
+    and a stream then runs as long as it writes (its idle time alone is bounded): each is counted in a finite bucket
+    within twice its value, so that a quantile over such requests says how slow they are, rather than the last
+    finite bound (30 s for the first token and 300 s for a request, before)."""
+    deadline = settings.LLMHUB_REQUEST_DEADLINE_SECONDS
+    cases = {
+        "thinks-45s": (45.0, 50.0),
+        "thinks-4min": (240.0, 260.0),
+        "deadline": (deadline, deadline + 5),
+        "long": (2.0, 900.0),
+    }
+    for model, (ttft, duration) in cases.items():
+        core_metrics.request_metrics_record(
+            RequestObservation(
+                request_id=f"req-{model}",
+                transport="rest",
+                operation="chat",
+                status="ok",
+                model=model,
+                deployment=f"{model}-dep",
+                provider="slow",
+                stream=True,
+                duration=duration,
+                ttft=ttft,
+                overhead=0.001,
+            )
+        )
+
+    text = scrape(llmhub_server.url)
+    for model, (ttft, duration) in cases.items():
+        for name, observed in (
+            ("llmhub_time_to_first_token_seconds", ttft),
+            ("llmhub_request_duration_seconds", duration),
+        ):
+            bound = smallest_finite_bucket(text, name, model=model)
+            assert bound is not None and observed <= bound < 2 * observed, (name, model, observed, bound)
+
+
 def test_rate_limit_and_budget_rejections_are_counted_by_reason(llmhub_server, fake_upstream, key, scraping):
     catalog_model(fake_upstream, "metrics-limited")
     client = client_for(llmhub_server, key)
