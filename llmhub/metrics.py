@@ -38,7 +38,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
+from django.db import connection, connections
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_safe
@@ -147,6 +147,7 @@ def _exposition(accept: str) -> tuple[bytes, str]:
     try:
         core_metrics.metrics_sample()  # this process's queued requests and ledger queue, up to now
         _forget_dead_workers()
+        _database_reads_bounded()
         registry = CollectorRegistry()
         _worker_files_collector()(registry)
         registry.register(AppStateCollector())
@@ -154,6 +155,27 @@ def _exposition(accept: str) -> tuple[bytes, str]:
         return encoder(registry), content_type
     finally:
         connections.close_all()
+
+
+# The most each read of the database a scrape makes may take (PostgreSQL's statement timeout, lock waits included):
+# the deployments for the breakers, the schedules and the task runs, three reads well within Prometheus's default
+# scrape timeout of 10 s.
+DATABASE_READ_SECONDS = 2
+
+
+def _database_reads_bounded() -> None:
+    """Give up each read of this scrape's connection (this thread's, closed at the scrape's end) after
+    ``DATABASE_READ_SECONDS``: a table locked by a migration or a VACUUM FULL, or a database too slow to answer,
+    costs the scrape the families read from it (each logged, and absent from the answer), not every metric of the
+    server, which a scrape hanging past Prometheus's timeout lost (until 7 December: waited for as long as the lock
+    was held). SQLite's readers wait for no lock (WAL). A database that cannot be reached fails each read at once."""
+    if connection.vendor != "postgresql":
+        return
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET statement_timeout = {DATABASE_READ_SECONDS * 1000}")
+    except Exception as exc:
+        logger.warning("metrics: could not bound the scrape's database reads (%s)", type(exc).__name__)
 
 
 @lru_cache(maxsize=1)
