@@ -587,7 +587,8 @@ def metrics_sample() -> None:
 
 def _process_exiting() -> None:
     """What this process queued is written; its live gauges (in flight, ledger queue) stop counting once it
-    is gone."""
+    is gone. Not under uvicorn, which ends the process by raising the stop signal again (no ``atexit`` handler
+    runs): its lifespan's shutdown flushes (``llmhub.lifespan``), and the next scrape drops its live gauges."""
     metrics_flush()
     with contextlib.suppress(Exception):
         from prometheus_client import multiprocess

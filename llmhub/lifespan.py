@@ -49,6 +49,7 @@ class LifespanMiddleware:
             ledger_spool_watch,
         )
         from chat.pipeline import runs_cancel_all
+        from core.metrics import metrics_flush
         from core.tracing import tracing_configure, tracing_shutdown
         from providers.adapters.registry import adapters_close_all
 
@@ -87,6 +88,10 @@ class LifespanMiddleware:
                 # The spans still queued for the OTLP exporter go out before the process ends (a no-op
                 # when tracing is off).
                 await sync_to_async(tracing_shutdown, thread_sensitive=False)()
+                # What this process counted since its metrics flusher's last round (up to a second: the requests it
+                # answered last, those cut above) goes to its files, which the workers that go on read: uvicorn ends
+                # the process by raising the signal again, so core.metrics' atexit flush never runs.
+                metrics_flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

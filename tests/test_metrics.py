@@ -621,6 +621,28 @@ def test_two_server_processes_sharing_a_directory_report_the_same_sums(fake_upst
             process_stop(process, grace=60)
 
 
+def test_a_server_that_stops_leaves_every_request_it_answered_counted(fake_upstream, key, tmp_path):
+    """uvicorn ends its process by raising the stop signal again once its shutdown is over, so no ``atexit`` handler
+    runs: what the process counted since its flusher's last round (up to a second) never reached its files, and a
+    scrape of the workers that go on lacked the requests a stopping worker answered last. The lifespan's shutdown
+    writes them."""
+    catalog_model(fake_upstream, "last-words")
+    metrics_dir = tmp_path / "metrics"
+    process, url = start_server(tmp_path / "stopping.log", server_env(metrics_dir))
+    answered = []
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key.secret, max_retries=0, timeout=30)
+        for _ in range(3):
+            raw = client.chat.completions.with_raw_response.create(model="last-words", messages=MESSAGES)
+            answered.append(raw.headers["x-request-id"])
+    finally:
+        process_stop(process, grace=60)  # SIGTERM, as an orchestrator stops a container
+    for request_id in answered:
+        wait_for_record(request_id)  # written by the shutdown's ledger flush
+
+    assert counts_per_process(metrics_dir, "last-words") == {str(process.pid): 3}
+
+
 def test_uvicorn_workers_report_as_one_and_a_restart_starts_from_zero(fake_upstream, key, tmp_path):
     """``uvicorn --workers 2``: every scrape, whichever worker answers it, has every request of both; the next
     server started on the same directory (a restarted container) starts from zero."""
