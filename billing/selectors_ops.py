@@ -21,7 +21,7 @@ from typing import Any
 from celery.schedules import crontab as celery_crontab
 from celery.utils.time import ffwd
 from django.db import connection
-from django.db.models import Count, ExpressionWrapper, F, IntegerField, OuterRef, Q, Subquery, Sum, Window
+from django.db.models import Case, Count, ExpressionWrapper, F, IntegerField, OuterRef, Q, Subquery, Sum, When, Window
 from django.db.models.functions import RowNumber, TruncHour
 from django_celery_beat.models import PeriodicTask
 
@@ -171,17 +171,27 @@ class OpsSnapshot:
 _deployment = ExpressionWrapper(F("deployment_id") + 0, output_field=IntegerField())
 
 
+# A request's latency: a stream's time to its first token (how long it lasts is the client's choice: a long answer
+# streams for a minute on a healthy deployment), a whole reply's duration; as the p95 latency alert reads it
+# (``services.ops_alerts.latency_p95_measures``).
+_latency = Case(
+    When(stream=True, ttft_ms__isnull=False, then=F("ttft_ms")), default=F("duration_ms"), output_field=IntegerField()
+)
+
+
 def _percentiles(since: datetime) -> dict[int, dict[str, int]]:
-    """p50 and p95 of ``duration_ms`` per deployment over the answered requests since ``since``: the values
-    at ranks ceil(q·n) of each deployment's sorted durations, picked in the database."""
+    """p50 and p95 of the latency (``_latency``) per deployment over the answered requests since ``since``: the values
+    at ranks ceil(q·n) of each deployment's sorted latencies, picked in the database. Until 7 December they were of
+    ``duration_ms``, streams' whole length too: a deployment serving long answers read a p50 of a minute."""
     ranked = (
         UsageRecord.objects.filter(created_at__gte=since, status=UsageStatus.OK)
         .annotate(
             deployment_key=_deployment,
-            rank=Window(RowNumber(), partition_by=[_deployment], order_by=[F("duration_ms").asc()]),
+            latency=_latency,
+            rank=Window(RowNumber(), partition_by=[_deployment], order_by=[_latency.asc()]),
             n=Window(Count("pk"), partition_by=[_deployment]),
         )
-        .values_list("deployment_key", "rank", "n", "duration_ms")
+        .values_list("deployment_key", "rank", "n", "latency")
     )
     # ceil(n/2) and ceil(95n/100) in integer arithmetic, which both databases agree on.
     picked = ranked.filter(Q(rank=(F("n") + 1) / 2) | Q(rank=(F("n") * 95 + 99) / 100))

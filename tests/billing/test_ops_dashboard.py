@@ -193,6 +193,22 @@ def test_the_breaker_is_read_from_redis_when_it_is_shared(clock, use_redis):
     assert row.breaker == "open"
 
 
+def test_a_streams_latency_is_its_time_to_first_token_as_the_latency_alert_reads_it(clock):
+    """A stream lasts as long as the client asks it to write (a long answer streams for a minute on a healthy
+    deployment): its latency is the time to its first token, as the p95 latency alert measures it; a whole reply's is
+    its duration. Before, a deployment serving long streams read p50 and p95 of a minute, whatever its speed."""
+    deployment = DeploymentFactory(name="streaming")
+    for n in range(10):
+        ledger(deployment, minutes_ago=5, stream=True, ttft_ms=200 + n, duration_ms=60_000 + n, request_id=f"s-{n}")
+    ledger(deployment, minutes_ago=5, duration_ms=300, request_id="whole")
+    ledger(deployment, minutes_ago=5, stream=True, ttft_ms=None, duration_ms=250, request_id="no-first-token")
+
+    [found] = [d for d in ops_deployments(now=timezone.now()) if d.name == "streaming"]
+
+    # 200…209, 250 and 300: the 6th and the 12th of 12.
+    assert (found.p50_ms, found.p95_ms) == (205, 300)
+
+
 def test_percentiles_are_the_exact_nearest_rank_values(clock):
     """Against the textbook definition, on random durations and counts (fixed seed)."""
     rng = random.Random(14)
