@@ -77,7 +77,8 @@ conversation with a reply streaming answers ``conversation_busy`` (the check is 
 for the ``client`` a send names, on another socket, does not hold it either: that client lost the socket (its network
 vanished without a close, which the server finds only when its keepalive gives up, up to 20 s), and its send takes
 the conversation over: the old reply is stopped as on a disconnect (kept ``cancelled`` with what was written, billed
-once for what the upstream wrote), in whichever process streams it, and the new one streams. Two live tabs are two
+once for what the upstream wrote), in whichever process streams it, told at once through the channel layer
+(``chat_reply_closed``), and the new one streams. Two live tabs are two
 clients, and still one reply at a time; a socket's own second send into a conversation it streams in is busy.
 The turn itself (history, messages, checkpoints, cancel, final status) is ``chat.services_turn.ChatTurn``:
 this consumer parses and checks events, authenticates, keeps track of its streams, and turns what each
@@ -487,6 +488,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             report=lambda turn_event: self._turn_event(stream, turn_event),
             reasoning_effort=effort,
             client=client or "",
+            channel=self.channel_name,
         )
         stream = _Stream(request_id=request_id, turn=turn)
         self.streams[request_id] = stream
@@ -501,6 +503,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     def _stop(self, stream: _Stream, *, by_user: bool) -> None:
         stream.turn.stop(by_user=by_user)
+
+    # From the channel layer ------------------------------------------------------------------------
+
+    async def chat_reply_closed(self, event: dict[str, Any]) -> None:
+        """``services_turn.REPLY_CLOSED``: a send of this socket's client from another socket (in any process) took over
+        the reply ``message`` streaming here; its turn stops now, and this socket, if its client still reads it, gets
+        ``chat.cancelled``."""
+        for stream in list(self.streams.values()):
+            if stream.turn.message_id == event.get("message"):
+                stream.turn.closed_elsewhere()
 
     # One reply ------------------------------------------------------------------------------------
 

@@ -95,6 +95,10 @@ class Message(models.Model):
     # ``client``), empty when it named none. A send of that client from another socket into the conversation takes the
     # reply over (``chat.services.chat_turn_begin``): the socket it streams on is one the client has lost.
     stream_client = models.CharField(max_length=64, blank=True, default="", db_default="")
+    # Where a reply streams: the channel-layer name of the consumer whose socket carries it (Channels' names are at
+    # most 100 characters), which a takeover tells at once, in whichever process it runs (``chat.services_turn``);
+    # empty when nothing carries it on a channel (a turn driven without a consumer, rows from before).
+    stream_channel = models.CharField(max_length=100, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["created_at", "id"]

@@ -29,11 +29,21 @@ def conversation_title_from(content: str) -> str:
 
 
 @dataclass(frozen=True)
+class TakenOver:
+    """A reply a takeover closed, and the channel of the consumer streaming it (empty: none recorded)."""
+
+    message_id: int
+    stream_channel: str
+
+
+@dataclass(frozen=True)
 class TurnRows:
     conversation: Conversation
     user_message: Message
     assistant_message: Message
     created_conversation: bool
+    # The replies this turn took over from its client's lost socket, whose turns are to be told (``ChatTurn``).
+    taken_over: tuple[TakenOver, ...] = ()
 
 
 @transaction.atomic
@@ -46,6 +56,7 @@ def chat_turn_begin(
     content: str,
     request_id: str,
     client: str = "",
+    stream_channel: str = "",
 ) -> TurnRows:
     """The user's message and an empty reply in ``streaming`` state, written together.
 
@@ -59,12 +70,15 @@ def chat_turn_begin(
     the turn with ``ConversationBusyError``, and one a dead server left streaming is closed first. So is one
     streaming for the same ``client`` (a chat page, a program naming itself), from a socket it has lost: its network
     vanished without a close, and the server would not know the socket dead before its keepalive gives up (up to
-    20 s). Its turn, in whichever process, sees its reply closed at its next checkpoint or heartbeat and stops itself
-    (``chat.services_turn.ChatTurn``), settled once for what the upstream wrote. The reply begins with its heartbeat,
-    which the turn streaming it keeps stamping (``message_heartbeat``).
+    20 s). The replies so closed are returned (``TurnRows.taken_over``) with the channel of the consumer streaming each,
+    for the caller to tell it once this transaction has committed; its turn, in whichever process, stops as on a
+    disconnect (``chat.services_turn.ChatTurn``), settled once for what the upstream wrote, or, when the message is
+    lost, at its next checkpoint or heartbeat. The reply begins with its heartbeat, which the turn streaming it keeps
+    stamping (``message_heartbeat``); ``stream_channel`` is the channel of the consumer that will stream it.
     """
     created = conversation_id is None
     now = timezone.now()
+    taken_over: tuple[TakenOver, ...] = ()
     if created:
         conversation = Conversation.objects.create(
             owner_id=reach.user_id,
@@ -80,7 +94,7 @@ def chat_turn_begin(
             raise NotFoundError(f"No conversation {conversation_id}.", param="conversation")
         messages_close_abandoned(now=now, conversation_id=conversation.pk)
         if client:
-            messages_take_over(conversation_id=conversation.pk, client=client)
+            taken_over = messages_take_over(conversation_id=conversation.pk, client=client)
         conversation_busy_check(conversation_id=conversation.pk, now=now)
         conversation.model_name = model_name
         conversation.archived = False
@@ -96,20 +110,29 @@ def chat_turn_begin(
         status=MessageStatus.STREAMING,
         heartbeat_at=now,
         stream_client=client,
+        stream_channel=stream_channel,
     )
-    return TurnRows(conversation, user_message, assistant_message, created)
+    return TurnRows(conversation, user_message, assistant_message, created, taken_over)
 
 
 # What a reply taken over by its client's new socket says (as the page says of a reply its dropped socket cut).
 TAKEN_OVER_NOTE = "The connection dropped; the reply was stopped when the conversation went on from a new one."
 
 
-def messages_take_over(*, conversation_id: int, client: str) -> int:
+def messages_take_over(*, conversation_id: int, client: str) -> tuple[TakenOver, ...]:
     """Close the replies streaming in the conversation for ``client``, which sends there again from another socket:
-    ``cancelled``, their checkpointed text kept until their turn's final write brings the rest."""
-    return Message.objects.filter(
+    ``cancelled``, their checkpointed text kept until their turn's final write brings the rest. Called under the
+    conversation's lock (``chat_turn_begin``), so no reply begins there between the read and the write; one that
+    ends meanwhile is left as it ended, and telling its turn changes nothing."""
+    streaming = Message.objects.filter(
         conversation_id=conversation_id, role=Role.ASSISTANT, status=MessageStatus.STREAMING, stream_client=client
-    ).update(status=MessageStatus.CANCELLED, error_message=TAKEN_OVER_NOTE)
+    )
+    taken = tuple(TakenOver(pk, channel) for pk, channel in streaming.values_list("pk", "stream_channel"))
+    if taken:
+        streaming.filter(pk__in=[reply.message_id for reply in taken]).update(
+            status=MessageStatus.CANCELLED, error_message=TAKEN_OVER_NOTE
+        )
+    return taken
 
 
 def message_content_save(*, message_id: int, content: str, reasoning: str = "") -> bool:

@@ -16,8 +16,10 @@ A turn, in order:
    REST one does;
 3. writes the user's message and an empty reply in ``streaming`` state, checking again under the
    conversation's lock that no reply streams there (two sends at once: the loser's run is released at no
-   cost, with its ``rejected`` row); a reply streaming for the same client is closed there, and its turn, seeing
-   it closed at its next checkpoint or heartbeat, stops as on a disconnect;
+   cost, with its ``rejected`` row); a reply streaming for the same client is closed there, and its turn is told
+   through the channel layer (``REPLY_CLOSED``, to the consumer recorded as streaming it, in whichever process) and
+   stops as on a disconnect; a turn the message does not reach sees its reply closed at its next checkpoint or
+   heartbeat;
 4. relays the reply (and the model's reasoning before it, ``TurnReasoning``), saving both every
    ``CHECKPOINT_SECONDS`` (a reload, or a crash, shows them), and reports ``TurnStarted`` with the first
    chunk, once routing knows which deployment answers;
@@ -47,6 +49,7 @@ from decimal import Decimal
 from typing import Any
 
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from billing.models import Endpoint, UsageStatus
@@ -64,6 +67,12 @@ logger = logging.getLogger(__name__)
 
 # A streaming reply is written to the database at most this often, not once per token.
 CHECKPOINT_SECONDS = 1.0
+# The channel-layer message that tells a consumer its reply was taken over (``message``: the reply's id): handled by
+# ``chat.consumers.ChatConsumer.chat_reply_closed``, Channels' handler name for this type.
+REPLY_CLOSED = "chat.reply_closed"
+# How long a takeover waits to tell the old reply's consumer (a Redis send, a millisecond) before its own reply goes on
+# without: the old turn then stops at its next checkpoint or heartbeat.
+TELL_TIMEOUT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +163,7 @@ class ChatTurn:
         report: Callable[[TurnEvent], Awaitable[None]],
         reasoning_effort: str | None = None,
         client: str = "",
+        channel: str = "",
     ) -> None:
         self.caller = caller
         self.conversation_id = conversation_id  # set once a new conversation is written
@@ -164,6 +174,8 @@ class ChatTurn:
         # Who sends (the chat page's load, a program's own id; empty: unnamed): its send from another socket takes over
         # a reply streaming for it, one from a socket it lost (``chat.services.chat_turn_begin``).
         self.client = client
+        # The channel-layer name of the consumer carrying the turn, recorded with the reply: a takeover tells it there.
+        self.channel = channel
         self._task: asyncio.Task[Any] | None = None
         self._run: CompletionRun | None = None
         self._rows: services.TurnRows | None = None
@@ -296,10 +308,17 @@ class ChatTurn:
             content=self.content,
             request_id=run.request_id,
             client=self.client,
+            stream_channel=self.channel,
         )
         self.conversation_id = rows.conversation.pk
         self._rows = rows
+        await _tell_taken_over(rows.taken_over)
         return rows
+
+    @property
+    def message_id(self) -> int | None:
+        """The reply's id, once written."""
+        return self._rows.assistant_message.pk if self._rows is not None else None
 
     async def _relay(self, run: CompletionRun, rows: services.TurnRows) -> None:
         message_id = rows.assistant_message.pk
@@ -422,6 +441,11 @@ class ChatTurn:
                 if not streaming:
                     self._stop_closed_elsewhere()
 
+    def closed_elsewhere(self) -> None:
+        """Told that the reply was taken over (``REPLY_CLOSED``, from the turn that took it, in any process): stopped
+        at once, not at the next checkpoint or heartbeat."""
+        self._stop_closed_elsewhere()
+
     def _stop_closed_elsewhere(self) -> None:
         """The reply no longer streams in the database, closed by another writer: its client sent again from a new
         socket (``chat.services.messages_take_over``, in any process), its conversation was deleted, or a sweep took
@@ -468,6 +492,28 @@ class ChatTurn:
         except DATABASE_OUTAGE_ERRORS:
             # The client has the reply; the stored message keeps its last checkpoint.
             logger.warning("the reply %s was not saved: the database is unavailable", message_id)
+
+
+async def _tell_taken_over(taken_over: tuple[services.TakenOver, ...]) -> None:
+    """Tell the consumer streaming each reply taken over, through the channel layer (Redis's reaches every server
+    process; the in-memory one, this process's): its turn stops at once, where it would go on generating, and being
+    billed, until its next checkpoint (while no text comes, its next heartbeat, 10 s). A message lost (no layer, a
+    Redis outage, a consumer gone) costs only that wait."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    for reply in taken_over:
+        if not reply.stream_channel:
+            continue
+        try:
+            async with asyncio.timeout(TELL_TIMEOUT_SECONDS):
+                await layer.send(reply.stream_channel, {"type": REPLY_CLOSED, "message": reply.message_id})
+        except Exception as exc:  # the heartbeat still stops it; the new reply must not fail for it
+            logger.warning(
+                "the turn of the reply %s taken over was not told (%s): it stops at its next checkpoint or heartbeat",
+                reply.message_id,
+                type(exc).__name__,
+            )
 
 
 def _delta_texts(chunk: dict[str, Any]) -> tuple[str, str]:

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.test import Client
 
 from billing.models import UsageRecord
@@ -19,6 +20,7 @@ from chat import selectors, services, services_turn
 from chat.models import Conversation, Message, MessageStatus, Role
 from chat.pipeline import Caller
 from tests.chat.conftest import deltas, ends, events_until
+from tests.shared_redis import redis_emptied
 from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -221,6 +223,60 @@ async def test_a_reply_taken_over_from_another_process_stops_at_its_next_heartbe
     # No text came from the upstream: the reply began, and ended cancelled long before its first token.
     assert [type(event) for event in events] == [services_turn.TurnStarted, services_turn.TurnCancelled]
     assert events[1].by_user is False and events[1].message_id == reply.pk
+    await reply.arefresh_from_db()
+    assert (reply.status, reply.content, reply.error_message) == (MessageStatus.CANCELLED, "", services.TAKEN_OVER_NOTE)
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(request_id=reply.request_id)
+    assert (record.status, record.completion_tokens) == ("client_disconnected", 0)
+
+
+@pytest.fixture(params=["redis", "in-memory"])
+async def shared_channel_layer(request, settings):
+    """The channel layer the consumers share: Redis's, as the server processes of a deployment share it, or the
+    in-memory one of a single process (llmhub's without ``REDIS_URL``)."""
+    if request.param == "in-memory":
+        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+        yield
+        return
+    url = request.getfixturevalue("redis_url")
+    with redis_emptied(url):
+        settings.CHANNEL_LAYERS = {
+            "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [url]}}
+        }
+        try:
+            yield
+        finally:
+            await get_channel_layer().close_pools()
+
+
+async def test_a_reply_taken_over_from_another_socket_stops_when_told_not_at_its_heartbeat(
+    shared_channel_layer, alice, chat_model, socket_for, settings
+):
+    """The consumer streaming the reply is told through the channel layer by the turn that took it over, in whichever
+    process: its turn, waiting for a first token (no checkpoint to notice the takeover), stops at once. Until 8
+    December it stopped only at its next heartbeat (here a minute away; 10 s by default), the upstream generating
+    and billing on meanwhile."""
+    settings.LLMHUB_CHAT_HEARTBEAT_INTERVAL = 60
+    lost = await socket_for(alice)
+    await send(lost, content="Think [[ttft=90000]]", model=chat_model, request_id="r1", client="page-1")
+    reply = await wait_until_async(
+        lambda: Message.objects.filter(role=Role.ASSISTANT, conversation__owner=alice).afirst(), "the reply begins"
+    )
+
+    reconnected = await socket_for(alice)
+    await send(
+        reconnected,
+        content="again",
+        model=chat_model,
+        conversation=reply.conversation_id,
+        request_id="r2",
+        client="page-1",
+    )
+    assert (await events_until(reconnected, ends("r2")))[-1]["type"] == "chat.completed"
+    # Well within the heartbeat's minute: the old turn is told; before, nothing came on its socket for that minute.
+    events = await events_until(lost, ends("r1"), timeout=30)
+    assert [e["type"] for e in events] == ["chat.started", "chat.cancelled"], events
+    assert events[1]["message"] == reply.pk
     await reply.arefresh_from_db()
     assert (reply.status, reply.content, reply.error_message) == (MessageStatus.CANCELLED, "", services.TAKEN_OVER_NOTE)
     await ledger_flush()
