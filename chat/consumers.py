@@ -33,7 +33,7 @@ Protocol (JSON both ways)::
 
     → {"type": "chat.send", "conversation": id|null, "model": "...", "content": "...", "request_id": "opt",
        "reasoning_effort": "low"|"medium"|"high"|null (opt; a model whose catalog entry says it reasons),
-       "client": "opt; who sends, the same on every socket it opens (the chat page: one per page load)"}
+       "client": "opt; who sends, the same on every socket it opens (the chat page: one per tab, kept across reloads)"}
     → {"type": "chat.cancel", "request_id": "..."}
     → {"type": "ping"}
     ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider", "deployment",

@@ -70,10 +70,11 @@
     sidebarStale: false, // a redraw is owed once the rename is done
     lastError: "", // the message of the server's latest error event: the reason of a close that follows it
     forbidden: false, // closed with CLOSE_FORBIDDEN: the page no longer reconnects
-    // This page load, named in every chat.send: after its socket dropped without a close (the network vanished), a send
-    // from the new socket takes over the conversation the old one still streams into on the server, instead of being
-    // refused as busy until the server gives that socket up (chat/consumers.py). Another tab is another client.
-    clientId: newRequestId(),
+    // This tab, named in every chat.send: after its socket dropped without a close (the network vanished), a send from
+    // its new socket, or from the page reloaded, takes over the conversation the old socket still streams into on the
+    // server, instead of being refused as busy until the server gives that socket up (chat/consumers.py). Another tab
+    // is another client. Set by claimClientId before the first socket opens.
+    clientId: null,
   };
 
   /* Markdown ----------------------------------------------------------------------------------- */
@@ -484,6 +485,58 @@
   function newRequestId() {
     if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
     return Date.now().toString(36) + Math.random().toString(36).slice(2);
+  }
+
+  /* The tab's client id. Kept in sessionStorage, so that a reload of the tab is the same client: its close may never
+     have reached the server (a reload is what a user does when the network hangs), and its send takes over the reply
+     its old socket still streams there. A duplicated tab (or one window.open made) starts with a copy of that storage,
+     while the original is live and another client: at load a tab holding an id asks the others on a BroadcastChannel
+     whether it is in use, any tab holding it answers, and a tab answered (the question's, or any later one's) makes
+     an id of its own. No answer within CLIENT_ANSWER_MS: the id is this tab's, and its first socket opens. */
+  const CLIENT_STORAGE_KEY = "llmhub.client";
+  const CLIENT_CHANNEL = "llmhub.chat-client";
+  const CLIENT_ANSWER_MS = 400;
+
+  function claimClientId() {
+    const mint = () => {
+      state.clientId = newRequestId();
+      try {
+        sessionStorage.setItem(CLIENT_STORAGE_KEY, state.clientId);
+      } catch (error) {
+        // Storage refused (full, or blocked): the id holds for this load, as each load's id did.
+      }
+    };
+    let stored = null;
+    try {
+      stored = sessionStorage.getItem(CLIENT_STORAGE_KEY);
+    } catch (error) {
+      stored = null;
+    }
+    if (!("BroadcastChannel" in window)) {
+      // No way to tell a reload from a duplicate: a new id at each load, two tabs never one client.
+      mint();
+      return Promise.resolve();
+    }
+    const channel = new BroadcastChannel(CLIENT_CHANNEL);
+    return new Promise((resolve) => {
+      channel.addEventListener("message", ({ data }) => {
+        if (!data || data.client !== state.clientId) return;
+        if (data.type === "in-use?") {
+          channel.postMessage({ type: "in-use", client: state.clientId });
+        } else if (data.type === "in-use") {
+          mint(); // another live tab holds it: this one is the copy
+          resolve();
+        }
+      });
+      if (!stored) {
+        mint();
+        resolve();
+        return;
+      }
+      state.clientId = stored;
+      channel.postMessage({ type: "in-use?", client: stored });
+      setTimeout(resolve, CLIENT_ANSWER_MS);
+    });
   }
 
   function sendMessage() {
@@ -1200,5 +1253,5 @@
   if (INITIAL_CONVERSATION) openConversation(INITIAL_CONVERSATION, { push: false });
   restoreDraft(); // after the conversation's opening, which empties the note under the box
   loadConversations();
-  connect();
+  claimClientId().then(connect);
 })();
