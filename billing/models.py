@@ -97,6 +97,23 @@ class ApiKey(models.Model):
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())
 
 
+class ApiKeyHeir(models.Model):
+    """A key deleted under a key that stayed, and that key, its heir (``services.keys._spend_moved_up``, in the
+    delete's transaction): a ledger row naming the deleted key that is written later (a stream that ran on it while it
+    was deleted, a row that waited in the spool) is written on the heir, as the key's earlier rows were moved to it
+    (``ledger_rows._without_dangling_references``). When the heir is deleted in turn under a key that stays, its
+    heirs' rows here name that key: a row is one lookup whatever the chain. No foreign keys: the deleted key is gone,
+    and an heir deleted with no key left above it (a whole tree) leaves the row without a key, as its own rows.
+    docs/ledger.md, "A deleted key's spend"."""
+
+    deleted_key_id = models.BigIntegerField(primary_key=True, help_text="The deleted key's id.")
+    heir_key_id = models.BigIntegerField(db_index=True, help_text="The key its late rows are written on.")
+    deleted_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"key #{self.deleted_key_id} -> #{self.heir_key_id}"
+
+
 class Endpoint(models.TextChoices):
     REST = "rest", "REST"
     WEBSOCKET = "websocket", "WebSocket"

@@ -35,7 +35,7 @@ from core.exceptions import ApplicationError
 from core.id_batches import id_batches
 from providers.models import CatalogModel
 
-from ..models import ApiKey, BudgetPeriod, DailyUsage, KeyScope, UsageRecord
+from ..models import ApiKey, ApiKeyHeir, BudgetPeriod, DailyUsage, KeyScope, UsageRecord
 from ..selectors import api_key_ancestor_ids, api_key_subtree_ids, api_keys_subtree, limits_cache
 
 KEY_PREFIX = "sk-llmhub-"
@@ -478,7 +478,11 @@ def _spend_moved_up(heirs: dict[int, int]) -> None:
     ``KEYS_A_DELETE`` keys, whatever their heirs. The ledger finds a key's rows in its ``(api_key_id, created_at)``
     index, the rollup in its ``api_key_id`` one; each row moved is written once, as the null would have written
     it (docs/ledger.md, "A deleted key's spend"). The rollup's rows go as the ledger's do, so a day rebuilt from the
-    ledger gives the same figures by key, and a sealed day (its raw rows gone) keeps them under the heir too."""
+    ledger gives the same figures by key, and a sealed day (its raw rows gone) keeps them under the heir too.
+
+    Each key's heir is recorded (``ApiKeyHeir``) for the rows that name it after the delete (a stream running on it,
+    a row in the spool), which the ledger's writer puts on the heir; keys deleted earlier whose heir this one was
+    get this one's heir, so that a late row is one lookup away from the key that stays."""
     for batch in id_batches(sorted(heirs, key=lambda pk: (heirs[pk], pk)), KEYS_A_DELETE):
         by_heir: dict[int, list[int]] = {}
         for pk in batch:
@@ -486,6 +490,9 @@ def _spend_moved_up(heirs: dict[int, int]) -> None:
         heir = Case(*(When(api_key_id__in=keys, then=Value(to)) for to, keys in by_heir.items()))
         for model in (UsageRecord, DailyUsage):
             model.objects.filter(api_key_id__in=batch).update(api_key_id=heir)
+        passed_on = Case(*(When(heir_key_id__in=keys, then=Value(to)) for to, keys in by_heir.items()))
+        ApiKeyHeir.objects.filter(heir_key_id__in=batch).update(heir_key_id=passed_on)
+        ApiKeyHeir.objects.bulk_create(ApiKeyHeir(deleted_key_id=pk, heir_key_id=heirs[pk]) for pk in batch)
 
 
 def api_key_spend_keep(*, api_key: ApiKey, origin: object) -> None:

@@ -29,7 +29,7 @@ from django.utils import timezone
 from core.metrics import ledger_set_aside_add
 from providers.models import CatalogModel, Deployment, Provider
 
-from ..models import ApiKey, RequestReservation, UsageRecord
+from ..models import ApiKey, ApiKeyHeir, RequestReservation, UsageRecord
 from .spool import spool_set_aside
 
 logger = logging.getLogger("llmhub.ledger")
@@ -114,7 +114,8 @@ def usage_rows_write(rows: list[UsageData], *, settled: Collection[str] = ()) ->
     a model mid-stream, or the row waited in the spool). Its insert would break a foreign key and take
     the whole batch with it, again at every retry and replay, so then the batch is written once more
     with those references cleared: the row keeps the provider and model names and its cost, and the
-    ledger keeps every request, as ``on_delete=SET_NULL`` would have left it.
+    ledger keeps every request, as ``on_delete=SET_NULL`` would have left it. A key deleted under a key that
+    stayed is replaced by that key (its heir), as its earlier rows were: the budgets above it count the row.
 
     ``settled``: request ids whose in-flight records were settled with these rows (in the database store of
     admission they are deleted in the same transaction; Redis's are forgotten by the caller once this
@@ -146,7 +147,10 @@ def _commit_resolving(rows: list[UsageData], settled: Collection[str]) -> None:
         kept = _without_dangling_references(rows)
         if kept == rows:
             raise
-        logger.warning("ledger rows refer to deleted users, keys, providers or models; written without them")
+        logger.warning(
+            "ledger rows refer to deleted users, keys, providers or models; written without them (a deleted key's "
+            "on its heir)"
+        )
         _commit(kept, settled)
 
 
@@ -482,6 +486,8 @@ def _insert_arrays(rows: list[UsageData]) -> None:
 
 
 def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
+    """``rows`` with each reference to a deleted row emptied, but a deleted key's, which becomes its heir's (the key
+    above it that its delete left, which got its earlier rows: ``ApiKeyHeir``) while that key exists."""
     targets = {
         "user_id": get_user_model(),
         "api_key_id": ApiKey,
@@ -493,12 +499,29 @@ def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
     for name, target in targets.items():
         ids = {getattr(data, name) for data in rows} - {None}
         existing[name] = set(target.objects.filter(pk__in=ids).values_list("pk", flat=True)) if ids else set()
+    heirs = _heirs({data.api_key_id for data in rows} - {None} - existing["api_key_id"])
     kept = []
     for data in rows:
         values = {name: getattr(data, name) for name in targets}
-        gone = {name: None for name, value in values.items() if value is not None and value not in existing[name]}
+        gone: dict[str, int | None] = {
+            name: None for name, value in values.items() if value is not None and value not in existing[name]
+        }
+        if "api_key_id" in gone:
+            gone["api_key_id"] = heirs.get(data.api_key_id)
         kept.append(replace(data, **gone) if gone else data)
     return kept
+
+
+def _heirs(deleted_key_ids: set[int]) -> dict[int, int]:
+    """The heirs of these deleted keys that exist (a key deleted with no key left above it has none, nor has one
+    whose heir went with its whole tree): two queries."""
+    if not deleted_key_ids:
+        return {}
+    heirs = dict(
+        ApiKeyHeir.objects.filter(deleted_key_id__in=deleted_key_ids).values_list("deleted_key_id", "heir_key_id")
+    )
+    alive = set(ApiKey.objects.filter(pk__in=set(heirs.values())).values_list("pk", flat=True)) if heirs else set()
+    return {deleted: heir for deleted, heir in heirs.items() if heir in alive}
 
 
 def last_used_forget_local() -> None:
