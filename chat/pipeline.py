@@ -106,7 +106,7 @@ from providers.selectors import factor_ceiling, model_resolve
 from providers.tokens import (
     REASONING_FIELDS,
     TOOL_CALL_BLOCKS,
-    prompt_token_bounds,
+    prompt_token_bounds_async,
     prompt_tokens,
     served_by,
     text_tokens,
@@ -489,7 +489,7 @@ async def completion_start(
             else:
                 await moderation.check_input({**body, "messages": new_input}, operation, fields=False)
         servers = served_by([model, *fallbacks, *context_fallbacks])  # whose formulas bound an attachment
-        prompt_upper, prompt_estimate = prompt_token_bounds(body, operation=operation, servers=servers)
+        prompt_upper, prompt_estimate = await prompt_token_bounds_async(body, operation=operation, servers=servers)
         as_sent, forced_limit, unbounded = _body_as_sent(body, [model, *fallbacks, *context_fallbacks])
         admission = await admission_acquire(
             user_id=caller.user_id,

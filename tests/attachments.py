@@ -1,12 +1,29 @@
 """Images and PDFs made byte by byte for the tests of what an attachment is reserved (``providers.tokens``): a real
 PNG (any decoder reads it), the headers of the other image types as their specifications lay them out, and PDFs of
-N pages, their page objects in the body or in a compressed object stream."""
+N pages, their page objects in the body or in a compressed object stream; and ``pdf_counts``, a fixture that watches
+which thread counts a PDF's pages."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
+import threading
 import zlib
+from typing import NamedTuple
+
+import pytest
+
+from providers import tokens
+
+
+class PdfCount(NamedTuple):
+    """A PDF's pages counted (``pdf_counts``): how many, the thread's ``threading.get_ident()``, and whether an event
+    loop was running in it."""
+
+    pages: int | None
+    thread: int
+    on_loop: bool
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -74,9 +91,10 @@ def webp_header(width: int, height: int, chunk: str) -> bytes:
     )
 
 
-def pdf(pages: int, *, object_stream: bool = False) -> bytes:
+def pdf(pages: int, *, object_stream: bool = False, padding: int = 0) -> bytes:
     """A PDF of ``pages`` pages, each a line of text. ``object_stream``: its page objects and page tree in a
-    Flate-compressed object stream (PDF 1.5), where a scan of the file's bytes does not see them."""
+    Flate-compressed object stream (PDF 1.5), where a scan of the file's bytes does not see them. ``padding``: that
+    many bytes more, in a stream object of binary data none of whose bytes spell a name (an embedded image's)."""
     page_ids = range(4, 4 + pages)
     objects = {
         1: b"<< /Type /Catalog /Pages 2 0 R >>",
@@ -105,8 +123,31 @@ def pdf(pages: int, *, object_stream: bool = False) -> bytes:
     else:
         for number, text in objects.items():
             body += b"%d 0 obj\n" % number + text + b"\nendobj\n"
+    if padding:
+        data = (bytes(range(128, 256)) * (padding // 128 + 1))[:padding]
+        body += b"%d 0 obj\n<< /Length %d >>\nstream\n" % (5 + pages, padding) + data + b"\nendstream\nendobj\n"
     return body + b"trailer\n<< /Root 1 0 R >>\n%%EOF\n"
 
 
 def data_url(data: bytes, media_type: str) -> str:
     return f"data:{media_type};base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def pdf_counts(monkeypatch) -> list[PdfCount]:
+    """Each count of a PDF's pages (``providers.tokens.pdf_pages``), with the thread that counted it."""
+    counts: list[PdfCount] = []
+    count = tokens.pdf_pages
+
+    def watched(data: bytes) -> int | None:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        pages = count(data)
+        counts.append(PdfCount(pages, threading.get_ident(), on_loop))
+        return pages
+
+    monkeypatch.setattr(tokens, "pdf_pages", watched)
+    return counts

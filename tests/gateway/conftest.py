@@ -10,6 +10,7 @@ import pytest
 
 from billing.services.keys import api_key_create
 from providers.models import ModelMode, Provider, ProviderKind
+from tests.attachments import pdf_counts  # noqa: F401  (a fixture)
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
 # A conversation in which the model had refused: OpenAI's spec types an assistant message's parts as text or

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from llmhub.testing.fake_upstream import FakeUpstream
+from tests.attachments import pdf_counts  # noqa: F401  (a fixture)
 from tests.connections import established_connections
 from tests.mail import MailFailingOnce
 

@@ -4,7 +4,9 @@ the images and PDFs are made in ``tests/attachments.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -15,11 +17,13 @@ from providers.tokens import (
     EVERY_SERVER,
     IMAGE_TOKENS,
     IMAGE_TOKENS_MOST,
+    PDF_ON_LOOP_CHARS_MOST,
     image_size,
     image_tokens_most,
     pdf_pages,
     pdf_tokens_most,
     prompt_token_bounds,
+    prompt_token_bounds_async,
     prompt_tokens,
     served_by,
 )
@@ -270,3 +274,63 @@ def test_settlements_estimate_of_an_attachment_is_unchanged():
     big = chat({"type": "image_url", "image_url": {"url": data_url(png(2048, 2048), "image/png")}})
     assert prompt_tokens(big, operation="chat") - prompt_tokens(chat(TEXT_ONLY), operation="chat") == IMAGE_TOKENS
     assert EVERY_SERVER.context_window is None
+
+
+# A 40-page PDF of 300 KB (an embedded image's bytes): its base64, 400,000 characters, past what is counted on the loop.
+LARGE_PDF = pdf(40, padding=300_000)
+LARGE_FILE = {"type": "file", "file": {"file_data": data_url(LARGE_PDF, "application/pdf")}}
+LARGE_DOCUMENT = {
+    "type": "document",
+    "source": {"type": "base64", "media_type": "application/pdf", "data": b64(LARGE_PDF)},
+}
+SMALL_FILE = {"type": "file", "file": {"file_data": b64(pdf(3)), "filename": "a.pdf"}}
+LARGE_NOT_PDF = {"type": "file", "file": {"file_data": b64(bytes(400_000)), "filename": "zeros.bin"}}
+LARGE_IN_CONTENT = {"type": "document", "source": {"type": "content", "content": [LARGE_DOCUMENT]}}
+
+
+@pytest.mark.parametrize(
+    ("operation", "parts"),
+    [
+        ("chat", [LARGE_FILE]),
+        ("chat", [LARGE_FILE, SMALL_FILE, LARGE_NOT_PDF, LARGE_FILE]),
+        ("messages", [LARGE_DOCUMENT, LARGE_IN_CONTENT]),
+        ("chat", [SMALL_FILE]),
+    ],
+    ids=["one-large", "large-small-not-a-pdf", "messages-document-and-content", "small"],
+)
+@pytest.mark.parametrize(
+    "served", [None, ("anthropic", "claude-sonnet-4-5"), ("openai", "gpt-4o-mini"), ("gemini", "gemini-2.5-pro")]
+)
+def test_admissions_bound_of_a_large_pdf_is_the_same_counted_off_the_loop(operation, parts, served, pdf_counts):
+    """``prompt_token_bounds_async`` (admission, on the event loop) gives the figures ``prompt_token_bounds`` gives,
+    a large PDF's pages counted in a thread: 40 pages, not the provider's page limit."""
+    assert len(LARGE_FILE["file"]["file_data"]) > PDF_ON_LOOP_CHARS_MOST > len(SMALL_FILE["file"]["file_data"])
+    chosen = servers(*served) if served else None
+    body = chat(*parts)
+    expected = prompt_token_bounds(body, operation=operation, servers=chosen)
+
+    assert asyncio.run(prompt_token_bounds_async(body, operation=operation, servers=chosen)) == expected
+    assert {count.pages for count in pdf_counts} <= {40, 3}
+
+
+def test_a_large_pdf_is_counted_in_a_thread_and_a_small_one_on_the_loop(pdf_counts):
+    """The loop runs in this thread (``asyncio.run``): the two large PDFs are counted in another, where no loop runs;
+    the small one (a few µs) on the loop."""
+    asyncio.run(prompt_token_bounds_async(chat(LARGE_FILE, SMALL_FILE, LARGE_DOCUMENT), operation="chat"))
+
+    loop_thread = threading.get_ident()
+    assert sorted((count.pages, count.thread == loop_thread, count.on_loop) for count in pdf_counts) == [
+        (3, True, True),
+        (40, False, False),
+        (40, False, False),
+    ]
+
+
+def test_settlements_estimate_reads_no_pdf(pdf_counts):
+    """The estimate counts an attachment ``IMAGE_TOKENS`` whatever it holds: it decodes no PDF (settlement runs it on
+    the event loop)."""
+    body = chat(LARGE_FILE, SMALL_FILE)
+    assert prompt_tokens(body, operation="chat") == prompt_token_bounds(body, operation="chat")[1]
+    pdf_counts.clear()
+    assert prompt_tokens(body, operation="chat") - prompt_tokens(chat(TEXT_ONLY), operation="chat") == 2 * IMAGE_TOKENS
+    assert pdf_counts == []
