@@ -13,8 +13,8 @@ embeddings request), so that what admission reserves and what settlement charges
   characters, up to three of an emoji's four bytes. Bytes reserve common CJK text (about one token a character
   in o200k, Qwen's or Llama 3's) about three times what it is billed, as half the characters reserves English
   about twice: alike slack, given back at settlement. Plus the per-message framing, each attachment at the most its
-  providers may bill it (an image by the size its header declares, a PDF by its pages: ``_attachment_most``,
-  ``docs/ledger.md``, "What an attachment pays") and a little overhead.
+  providers may bill it (an image by the size its header declares, a PDF by its pages, a sound by its duration:
+  ``_attachment_most``, ``docs/ledger.md``, "What an attachment pays") and a little overhead.
 - estimate (the default): at settlement, when the provider sent no usage (a stream cut short, a client
   gone, an upstream that reports none): ASCII text at about four characters a token; any other character at
   half a token for each of its UTF-8 bytes past the first: a Cyrillic, Greek, Hebrew or Arabic letter (two bytes)
@@ -45,6 +45,7 @@ import re
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 CHARS_PER_TOKEN = 4  # an estimate: English averages about four characters a token
@@ -427,6 +428,14 @@ PDF_INFLATED_BYTES_MOST = 64 << 20  # a PDF's object streams, inflated to count 
 # bounds a prompt (``prompt_token_bounds_async``), not on the event loop: both cost about 4.5 µs a KB of PDF (the
 # decode 58 %, the count 42 %), 0.95 ms for 200 KB (272,116 characters), 22 ms for 5 MB (docs/ledger.md).
 PDF_ON_LOOP_CHARS_MOST = 256 * 1024
+# A sound's tokens a second of it, as each provider documents them: OpenAI "audio tokens in user messages are 1 token
+# per 100 ms of audio" (its Realtime API's cost guide, developers.openai.com/api/docs/guides/realtime-costs: the
+# gpt-4o audio models' input); Gemini "represents each second of audio as 32 tokens" (its token guide,
+# ai.google.dev/gemini-api/docs/tokens). Claude takes no sound. A sound is reserved its duration (read from its WAV or
+# MP3 header: ``audio_duration``) at the dearest of these among the providers that may serve the request; a sound
+# whose duration cannot be read, as before, ``IMAGE_TOKENS``.
+OPENAI_AUDIO_TOKENS_PER_SECOND = 10
+GEMINI_AUDIO_TOKENS_PER_SECOND = 32
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
@@ -458,6 +467,7 @@ class _Tiles:
         return PDF_PAGE_TEXT_TOKENS + self.image(None, "high")
 
     pdf_pages_most = OPENAI_PDF_PAGES_MOST
+    audio_per_second = OPENAI_AUDIO_TOKENS_PER_SECOND
 
 
 class _Patches:
@@ -478,6 +488,7 @@ class _Patches:
         return PDF_PAGE_TEXT_TOKENS + self.image(None, "high")
 
     pdf_pages_most = OPENAI_PDF_PAGES_MOST
+    audio_per_second = OPENAI_AUDIO_TOKENS_PER_SECOND
 
 
 class _Claude:
@@ -494,6 +505,7 @@ class _Claude:
         return PDF_PAGE_TEXT_TOKENS + CLAUDE_PATCHES_MOST
 
     pdf_pages_most = CLAUDE_PDF_PAGES_MOST
+    audio_per_second = None  # Claude takes no sound
 
 
 class _Gemini:
@@ -513,6 +525,7 @@ class _Gemini:
         return max(GEMINI_IMAGE_TOKENS, GEMINI_PDF_PAGE_TOKENS)
 
     pdf_pages_most = GEMINI_PDF_PAGES_MOST
+    audio_per_second = GEMINI_AUDIO_TOKENS_PER_SECOND
 
 
 _GPT_4O = _Tiles(85, 170)
@@ -597,6 +610,13 @@ def pdf_tokens_most(pages: int | None, servers: Servers = EVERY_SERVER) -> int:
     )
 
 
+def audio_tokens_most(seconds: Fraction, servers: Servers = EVERY_SERVER) -> int:
+    """The most a sound of ``seconds`` may be billed by any of ``servers``: its duration at the dearest documented
+    rate among them (none documented, as for Claude alone: the dearest of all)."""
+    rates = [formula.audio_per_second for formula in servers.formulas if formula.audio_per_second]
+    return math.ceil(seconds * max(rates, default=GEMINI_AUDIO_TOKENS_PER_SECOND))
+
+
 class _Base64:
     """The bytes of base64 text from ``start`` on, read where asked: only the 4-character groups holding them are
     decoded (strictly), so that a header is read without decoding, or copying, the image after it."""
@@ -616,6 +636,11 @@ class _Base64:
             return None
         skip = offset % 3
         return decoded[skip : skip + size]
+
+    def size_most(self) -> int:
+        """The most bytes the text decodes to: its characters past ``start``, three bytes for four, less its padding."""
+        padding = 2 if self.data.endswith("==") else 1 if self.data.endswith("=") else 0
+        return (len(self.data) - self.start) * 3 // 4 - padding
 
     def plain_to(self, offset: int) -> bool:
         """Whether the text up to byte ``offset`` is base64's alphabet alone: a line break or any other character
@@ -716,6 +741,96 @@ def _jpeg_size(image: _Base64) -> tuple[int, int] | None:
     return None
 
 
+# WAV's sample formats whose byte rate is the sample rate times the block (a frame of every channel's sample): PCM,
+# IEEE float, A-law, µ-law, and the extensible header (which names one of them).
+_WAV_FRAMED = frozenset({1, 3, 6, 7, 0xFFFE})
+WAV_CHUNKS_MOST = 64  # chunks walked before the data chunk (fmt, and a few of metadata: LIST, fact, bext)
+# MP3 (MPEG audio layer III): kbit/s by bitrate index, for MPEG-1 and for MPEG-2 and 2.5; Hz by sample rate index.
+_MP3_KBPS = {
+    3: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MP3_HZ = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def audio_duration(data: str) -> Fraction | None:
+    """How long a sound given as base64 ``data`` (an ``input_audio`` part's) lasts at most, in seconds, read from its
+    header, decoding only the header's bytes: a WAV's exactly (``_wav_duration``), an MP3's from its first frame
+    (``_mp3_duration``); None for anything else, or a header that does not read."""
+    sound = _Base64(data)
+    head = sound.read(0, 12)
+    if head is None or len(head) < 12:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return _wav_duration(sound)
+    return _mp3_duration(sound, head)
+
+
+def _wav_duration(sound: _Base64) -> Fraction | None:
+    """The data chunk's bytes over the byte rate of its ``fmt `` chunk's sample rate and block, for the formats whose
+    byte rate that is (``_WAV_FRAMED``; the header's own byte rate field is not read, nor a block larger than its
+    channels' samples). The data's bytes are the
+    chunk's declared size, or what the text holds after it when that is less, or when the size is 0 or 0xFFFFFFFF (a
+    recorder that streamed it)."""
+    offset, framing = 12, None
+    for _ in range(WAV_CHUNKS_MOST):
+        chunk = sound.read(offset, 8)
+        if chunk is None or len(chunk) < 8:
+            return None
+        kind, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if kind == b"fmt ":
+            fmt = sound.read(offset + 8, 16)
+            if size < 16 or fmt is None or len(fmt) < 16:
+                return None
+            sample_format, channels, rate, _byte_rate, block, bits = struct.unpack("<HHIIHH", fmt)
+            # The block its channels and sample size make, or the header's when smaller: the longer duration.
+            framing = (sample_format, rate, min(block, channels * _ceil_div(bits, 8)))
+        elif kind == b"data":
+            if framing is None or framing[0] not in _WAV_FRAMED or framing[1] <= 0 or framing[2] <= 0:
+                return None
+            start = offset + 8
+            if not sound.plain_to(start):
+                return None
+            present = max(sound.size_most() - start, 0)
+            data_bytes = present if size in (0, 0xFFFFFFFF) else min(size, present)
+            return Fraction(data_bytes, framing[1] * framing[2])
+        offset += 8 + size + (size & 1)
+    return None
+
+
+def _mp3_duration(sound: _Base64, head: bytes) -> Fraction | None:
+    """From the first frame's header (past an ID3v2 tag): the longer of the bytes from it on at its bitrate (a
+    constant bitrate's duration) and, when the frame holds a Xing or Info header, or Fraunhofer's VBRI, with a frame
+    count, those frames' samples at its sample rate (a variable bitrate's). MPEG-1, 2 and 2.5 layer III."""
+    offset = 0
+    if head[:3] == b"ID3":
+        size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
+        offset = 10 + size + (10 if head[5] & 0x10 else 0)
+    frame = sound.read(offset, 4)
+    if frame is None or len(frame) < 4 or frame[0] != 0xFF or frame[1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (frame[1] >> 3) & 3, (frame[1] >> 1) & 3
+    bitrate_index, rate_index = frame[2] >> 4, (frame[2] >> 2) & 3
+    if version == 1 or layer != 1 or bitrate_index in (0, 15) or rate_index == 3 or not sound.plain_to(offset):
+        return None
+    kbps = _MP3_KBPS[3 if version == 3 else 2][bitrate_index]
+    rate = _MP3_HZ[version][rate_index]
+    mono = frame[3] >> 6 == 3
+    seconds = Fraction(max(sound.size_most() - offset, 0) * 8, kbps * 1000)
+    samples = 1152 if version == 3 else 576
+    side_info = (17 if mono else 32) if version == 3 else (9 if mono else 17)
+    xing = sound.read(offset + 4 + side_info, 12)
+    frames = None
+    if xing is not None and len(xing) == 12 and xing[:4] in (b"Xing", b"Info") and xing[7] & 1:
+        frames = struct.unpack(">I", xing[8:12])[0]
+    vbri = sound.read(offset + 36, 18)
+    if vbri is not None and len(vbri) == 18 and vbri[:4] == b"VBRI":
+        frames = struct.unpack(">I", vbri[14:18])[0]
+    if frames is not None:
+        seconds = max(seconds, Fraction(frames * samples, rate))
+    return seconds
+
+
 # A PDF's page tree's counts (``/Count N``: the root's is every page).
 _PDF_COUNT = re.compile(rb"/Count\s+(\d{1,9})")
 
@@ -792,13 +907,19 @@ def _document_most(data: Any, servers: Servers, start: int = 0, deferred: list[t
 def _attachment_most(part: Mapping[str, Any], servers: Servers, deferred: list[tuple[str, int]] | None = None) -> int:
     """The most one attachment (a chat completion's image or file part, a Messages image or document block) may be
     billed by any of ``servers`` (a large inline PDF put in ``deferred`` instead, when given: ``_document_most``). A
-    sound is reserved as before, ``IMAGE_TOKENS``."""
+    sound by its duration (``audio_duration``, ``audio_tokens_most``); one whose duration cannot be read as before,
+    ``IMAGE_TOKENS``."""
     kind = part.get("type")
     if kind == "image_url":
         image = part.get("image_url")
         url, detail = (image.get("url"), image.get("detail")) if isinstance(image, Mapping) else (image, None)
         start = _data_url_base64(url)
         return image_tokens_most(image_size(url, start) if start is not None else None, detail, servers)
+    if kind == "input_audio":
+        audio = part.get("input_audio")
+        data = audio.get("data") if isinstance(audio, Mapping) else None
+        seconds = audio_duration(data) if isinstance(data, str) else None
+        return IMAGE_TOKENS if seconds is None else audio_tokens_most(seconds, servers)
     source = part.get("source")
     source = source if isinstance(source, Mapping) else {}
     inline = source.get("data") if source.get("type") == "base64" else None

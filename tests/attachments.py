@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import struct
 import threading
+import wave
 import zlib
 from typing import NamedTuple
 
@@ -127,6 +129,85 @@ def pdf(pages: int, *, object_stream: bool = False, padding: int = 0) -> bytes:
         data = (bytes(range(128, 256)) * (padding // 128 + 1))[:padding]
         body += b"%d 0 obj\n<< /Length %d >>\nstream\n" % (5 + pages, padding) + data + b"\nendstream\nendobj\n"
     return body + b"trailer\n<< /Root 1 0 R >>\n%%EOF\n"
+
+
+def wav(
+    seconds: float,
+    *,
+    rate: int = 16_000,
+    channels: int = 1,
+    bits: int = 16,
+    declared: int | None = None,
+    metadata: int = 0,
+) -> bytes:
+    """A PCM WAV of ``seconds`` of silence, as the ``wave`` module writes it; ``declared``: the data chunk's size
+    replaced by this (0xFFFFFFFF: a recorder that streamed it); ``metadata``: a LIST chunk of that many bytes before
+    the data chunk (and its pad byte, when odd)."""
+    frames = round(seconds * rate)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(bits // 8)
+        writer.setframerate(rate)
+        writer.writeframes(bytes(frames * channels * bits // 8))
+    data = out.getvalue()
+    at = data.index(b"data")
+    if declared is not None:
+        data = data[: at + 4] + struct.pack("<I", declared) + data[at + 8 :]
+    if metadata:
+        data = data[:at] + b"LIST" + struct.pack("<I", metadata) + bytes(metadata + metadata % 2) + data[at:]
+    return data
+
+
+# MPEG audio layer III frame headers' second byte (sync, version, layer III, no CRC) by version.
+_MP3_VERSION_BYTE = {1: 0xFB, 2: 0xF3, 25: 0xE3}
+_MP3_KBPS_INDEX = {1: {32: 1, 64: 5, 128: 9, 320: 14}, 2: {8: 1, 64: 8, 160: 14}, 25: {8: 1, 64: 8, 160: 14}}
+_MP3_RATE_INDEX = {
+    1: {44100: 0, 48000: 1, 32000: 2},
+    2: {22050: 0, 24000: 1, 16000: 2},
+    25: {11025: 0, 12000: 1, 8000: 2},
+}
+
+
+def mp3(
+    frames: int,
+    *,
+    version: int = 1,
+    kbps: int = 128,
+    rate: int = 48_000,
+    mono: bool = False,
+    xing_frames: int | None = None,
+    vbri_frames: int | None = None,
+    id3: int = 0,
+) -> bytes:
+    """An MP3 of ``frames`` frames of layer III (MPEG ``version`` 1, 2 or 25 for 2.5), silent, each frame its header
+    and zeros (no padding: choose a rate the bitrate divides, 48 kHz at 128 kbit/s, for frames of equal length).
+    ``xing_frames`` or ``vbri_frames``: the first frame carries a Xing (or Fraunhofer VBRI) header with that frame
+    count; ``id3``: an ID3v2 tag of that many bytes before the first frame."""
+    header = bytes(
+        [
+            0xFF,
+            _MP3_VERSION_BYTE[version],
+            _MP3_KBPS_INDEX[version][kbps] << 4 | _MP3_RATE_INDEX[version][rate] << 2,
+            (3 if mono else 0) << 6,
+        ]
+    )
+    length = (144_000 if version == 1 else 72_000) * kbps // rate
+    frame = header + bytes(length - 4)
+    first = frame
+    if xing_frames is not None:
+        side_info = (17 if mono else 32) if version == 1 else (9 if mono else 17)
+        tag = b"Xing" + struct.pack(">II", 1, xing_frames)
+        first = header + bytes(side_info) + tag + bytes(length - 4 - side_info - len(tag))
+    if vbri_frames is not None:
+        tag = b"VBRI" + struct.pack(">HHHII", 1, 0, 75, length * frames, vbri_frames)
+        first = header + bytes(32) + tag + bytes(length - 36 - len(tag))
+    tag = b""
+    if id3:
+        size = id3 - 10
+        syncsafe = bytes([(size >> 21) & 0x7F, (size >> 14) & 0x7F, (size >> 7) & 0x7F, size & 0x7F])
+        tag = b"ID3\x04\x00\x00" + syncsafe + bytes(size)
+    return tag + first + frame * (frames - 1)
 
 
 def data_url(data: bytes, media_type: str) -> str:

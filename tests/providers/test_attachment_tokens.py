@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from providers.tokens import (
     IMAGE_TOKENS,
     IMAGE_TOKENS_MOST,
     PDF_ON_LOOP_CHARS_MOST,
+    audio_duration,
     image_size,
     image_tokens_most,
     pdf_pages,
@@ -27,7 +29,7 @@ from providers.tokens import (
     prompt_tokens,
     served_by,
 )
-from tests.attachments import data_url, gif_header, jpeg_header, pdf, png, webp_header
+from tests.attachments import data_url, gif_header, jpeg_header, mp3, pdf, png, wav, webp_header
 
 
 def b64(data: bytes) -> str:
@@ -334,3 +336,80 @@ def test_settlements_estimate_reads_no_pdf(pdf_counts):
     pdf_counts.clear()
     assert prompt_tokens(body, operation="chat") - prompt_tokens(chat(TEXT_ONLY), operation="chat") == 2 * IMAGE_TOKENS
     assert pdf_counts == []
+
+
+@pytest.mark.parametrize(
+    ("sound", "seconds"),
+    [
+        (wav(2.5), Fraction(5, 2)),  # 16 kHz mono, 16 bits
+        (wav(1, rate=44_100, channels=2), Fraction(1)),
+        (wav(3, rate=8_000, bits=8, metadata=1_001), Fraction(3)),  # a LIST chunk (odd: padded) before the data
+        (wav(2, declared=0xFFFFFFFF), Fraction(2)),  # streamed: the bytes the text holds
+        (wav(2, declared=16_000), Fraction(1, 2)),  # the data chunk's own size, less than the text holds
+        (mp3(250), Fraction(6)),  # 128 kbit/s at 48 kHz: 384-byte frames of 1,152 samples, 24 ms each
+        (mp3(250, id3=1_000), Fraction(6)),  # past an ID3v2 tag
+        (mp3(100, version=2, kbps=64, rate=24_000, mono=True), Fraction(12, 5)),  # MPEG-2: 576 samples a frame
+        (mp3(10, version=25, kbps=8, rate=8_000), Fraction(18, 25)),  # MPEG-2.5: 72-byte frames of 72 ms
+        # A variable bitrate: its Xing (or VBRI) header counts 1,000 frames (24 s), more than its bytes at the first
+        # frame's bitrate (250 ms); the longer is taken.
+        (mp3(10, kbps=128, xing_frames=1_000), Fraction(24)),
+        (mp3(10, kbps=128, mono=True, xing_frames=1_000), Fraction(24)),
+        (mp3(10, kbps=128, vbri_frames=1_000), Fraction(24)),
+        (mp3(250, kbps=128, xing_frames=5), Fraction(6)),  # a header counting fewer frames than the bytes hold
+    ],
+)
+def test_a_sounds_duration_is_read_from_its_header(sound, seconds):
+    assert audio_duration(b64(sound)) == seconds
+
+
+@pytest.mark.parametrize(
+    "sound",
+    [
+        b"not a sound at all",
+        wav(1)[:30],  # cut before its data chunk
+        wav(1).replace(b"\x01\x00\x01\x00", b"\x55\x00\x01\x00", 1),  # MP3 inside a WAV: no framed byte rate
+        mp3(10)[:3],
+        b"\xff\xfd" + mp3(10)[2:],  # layer II
+        mp3(10)[:2] + b"\xf0" + mp3(10)[3:],  # a bad bitrate index
+    ],
+)
+def test_a_sound_whose_header_does_not_read_has_no_duration(sound):
+    assert audio_duration(b64(sound)) is None
+
+
+def audio(sound: bytes, audio_format: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(sound), "format": audio_format}}
+
+
+@pytest.mark.parametrize(
+    ("part", "served", "attached"),
+    [
+        (audio(wav(2.5)), ("openai", "gpt-4o-audio-preview"), 25),  # 10 tokens a second
+        (audio(wav(2.5)), ("gemini", "gemini-2.5-flash"), 80),  # 32
+        (audio(wav(2.5)), None, 80),  # no model known: the dearest
+        (audio(wav(2.5)), ("anthropic", "claude-sonnet-4-5"), 80),  # Claude documents none: the dearest
+        (audio(wav(2.5)), ("openrouter", "openai/gpt-4o-audio-preview"), 80),  # a kind whose formula is not known
+        (audio(mp3(250), "mp3"), ("openai", "gpt-4o-audio-preview"), 60),
+        (audio(mp3(10, xing_frames=1_000), "mp3"), ("gemini", "gemini-2.5-flash"), 768),
+        (audio(wav(0.01)), ("openai", "gpt-4o-audio-preview"), 1),  # a tenth of a token: one
+        (audio(b"RIFF...."), ("gemini", "gemini-2.5-flash"), IMAGE_TOKENS),  # unreadable: as before
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "mp3"}}, None, IMAGE_TOKENS),
+    ],
+)
+def test_a_sound_is_reserved_its_duration_at_its_providers_rate(part, served, attached):
+    """Before, any sound was reserved 1,600 tokens: 50 s of it to Gemini (1,600 tokens) and anything longer went
+    through on a budget for less. The bound less the text's (the same body with the sound's part text-free)."""
+    chosen = servers(*served) if served else None
+    text_alone = prompt_token_bounds(chat(TEXT_ONLY), operation="chat", servers=chosen)[0]
+    assert prompt_token_bounds(chat(part), operation="chat", servers=chosen)[0] - text_alone == attached
+
+
+def test_a_long_sound_is_reserved_at_most_the_widest_context_window():
+    """Ten minutes to Gemini (19,200 tokens) through a model of a 16,000-token window: 16,000, as images and PDFs."""
+    narrow = served_by([model(("gemini", "gemini-2.5-flash"), context_window=16_000)])
+    text_alone = prompt_token_bounds(chat(TEXT_ONLY), operation="chat", servers=narrow)[0]
+    body = chat(audio(wav(600, rate=8_000, bits=8)))
+    assert prompt_token_bounds(body, operation="chat", servers=narrow)[0] - text_alone == 16_000
+    wide = served_by([model(("gemini", "gemini-2.5-flash"), context_window=1_000_000)])
+    assert prompt_token_bounds(body, operation="chat", servers=wide)[0] - text_alone == 19_200
+    assert prompt_tokens(body, operation="chat") - prompt_tokens(chat(TEXT_ONLY), operation="chat") == IMAGE_TOKENS
