@@ -26,6 +26,7 @@ from providers.types import ResolvedModel
 from .exceptions import ModelNotAllowedError
 from .models import (
     ApiKey,
+    ApiKeyHeir,
     DailyExperimentUsage,
     DailyStaffUsage,
     DailyUsage,
@@ -83,6 +84,18 @@ def api_keys_subtree(key_ids: Iterable[int]) -> dict[int, int | None]:
                     level.append(pk)
         frontier, column = sorted(level), "parent_id__in"
     return found
+
+
+def api_key_heirs(key_ids: Collection[int]) -> dict[int, int]:
+    """Of these keys, the deleted ones whose heir exists (the key above them that their delete left: ``ApiKeyHeir``,
+    their rows' key now), each with its heir; a key that exists, or that was deleted with no key left above it or
+    whose heir went later with its whole tree, is not in it. Two queries at most (docs/ledger.md, "A deleted key's
+    spend")."""
+    if not key_ids:
+        return {}
+    heirs = dict(ApiKeyHeir.objects.filter(deleted_key_id__in=key_ids).values_list("deleted_key_id", "heir_key_id"))
+    alive = set(ApiKey.objects.filter(pk__in=set(heirs.values())).values_list("pk", flat=True)) if heirs else set()
+    return {deleted: heir for deleted, heir in heirs.items() if heir in alive}
 
 
 def api_key_ancestor_ids(key_id: int) -> list[int]:

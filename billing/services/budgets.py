@@ -35,7 +35,7 @@ from ..pricing import (
     tier_factor,
     web_search_cost,
 )
-from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
+from ..selectors import KeyLimits, UserLimits, api_key_heirs, api_key_subtree_ids
 from .spool import SpoolIndex
 
 THRESHOLDS = (50, 80, 100)
@@ -536,7 +536,10 @@ def spooled_spend(
     run's ``SpoolIndex`` (without it, the spool is read for this counter alone)."""
     spooled = spooled or SpoolIndex()
     if ref.scope_kind == ScopeKind.KEY:
-        rows = spooled.of_keys(set(api_key_subtree_ids(ref.scope_id)))
+        keys = set(api_key_subtree_ids(ref.scope_id))
+        # A row of a key deleted since it was spooled is its heir's, as the replay will write it.
+        keys |= {deleted for deleted, heir in spooled.heirs(api_key_heirs).items() if heir in keys}
+        rows = spooled.of_keys(keys)
     else:
         rows = spooled.of_user(ref.scope_id)
     spent: dict[str, Decimal] = {}

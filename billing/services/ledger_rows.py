@@ -29,7 +29,8 @@ from django.utils import timezone
 from core.metrics import ledger_set_aside_add
 from providers.models import CatalogModel, Deployment, Provider
 
-from ..models import ApiKey, ApiKeyHeir, RequestReservation, UsageRecord
+from ..models import ApiKey, RequestReservation, UsageRecord
+from ..selectors import api_key_heirs
 from .spool import spool_set_aside
 
 logger = logging.getLogger("llmhub.ledger")
@@ -487,7 +488,7 @@ def _insert_arrays(rows: list[UsageData]) -> None:
 
 def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
     """``rows`` with each reference to a deleted row emptied, but a deleted key's, which becomes its heir's (the key
-    above it that its delete left, which got its earlier rows: ``ApiKeyHeir``) while that key exists."""
+    above it that its delete left, which got its earlier rows: ``selectors.api_key_heirs``) while that key exists."""
     targets = {
         "user_id": get_user_model(),
         "api_key_id": ApiKey,
@@ -499,7 +500,7 @@ def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
     for name, target in targets.items():
         ids = {getattr(data, name) for data in rows} - {None}
         existing[name] = set(target.objects.filter(pk__in=ids).values_list("pk", flat=True)) if ids else set()
-    heirs = _heirs({data.api_key_id for data in rows} - {None} - existing["api_key_id"])
+    heirs = api_key_heirs({data.api_key_id for data in rows} - {None} - existing["api_key_id"])
     kept = []
     for data in rows:
         values = {name: getattr(data, name) for name in targets}
@@ -510,18 +511,6 @@ def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
             gone["api_key_id"] = heirs.get(data.api_key_id)
         kept.append(replace(data, **gone) if gone else data)
     return kept
-
-
-def _heirs(deleted_key_ids: set[int]) -> dict[int, int]:
-    """The heirs of these deleted keys that exist (a key deleted with no key left above it has none, nor has one
-    whose heir went with its whole tree): two queries."""
-    if not deleted_key_ids:
-        return {}
-    heirs = dict(
-        ApiKeyHeir.objects.filter(deleted_key_id__in=deleted_key_ids).values_list("deleted_key_id", "heir_key_id")
-    )
-    alive = set(ApiKey.objects.filter(pk__in=set(heirs.values())).values_list("pk", flat=True)) if heirs else set()
-    return {deleted: heir for deleted, heir in heirs.items() if heir in alive}
 
 
 def last_used_forget_local() -> None:

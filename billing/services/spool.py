@@ -29,7 +29,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -281,6 +281,7 @@ class SpoolIndex:
         self._by_request: dict[str, SpooledRow] = {}
         self._by_key: dict[int, list[SpooledRow]] = {}
         self._by_user: dict[int, list[SpooledRow]] = {}
+        self._heirs: dict[int, int] | None = None
 
     def row(self, request_id: str) -> SpooledRow | None:
         """The request's row (the first, if it was spooled twice)."""
@@ -291,6 +292,15 @@ class SpoolIndex:
         """The rows of these keys, each key's in file order."""
         self._refresh()
         return [row for key_id in key_ids for row in self._by_key.get(key_id, ())]
+
+    def heirs(self, resolve: Callable[[set[int]], dict[int, int]]) -> dict[int, int]:
+        """The heirs of the spooled rows' keys that were deleted (``resolve``: ``billing.selectors.api_key_heirs``),
+        resolved once a read of the files, not once a counter."""
+        self._refresh()
+        if self._heirs is None:
+            keys = {key_id for key_id in self._by_key if key_id is not None}
+            self._heirs = resolve(keys) if keys else {}
+        return self._heirs
 
     def of_user(self, user_id: int) -> list[SpooledRow]:
         self._refresh()
@@ -322,6 +332,7 @@ class SpoolIndex:
                 by_key.setdefault(row.api_key_id, []).append(row)
                 by_user.setdefault(row.user_id, []).append(row)
         self._signature, self._by_request, self._by_key, self._by_user = signature, by_request, by_key, by_user
+        self._heirs = None
 
 
 def _files_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:

@@ -8,7 +8,7 @@ Both admission stores, SQLite and PostgreSQL, the clock pinned in mid-month."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import openai
@@ -17,11 +17,12 @@ import time_machine
 from asgiref.sync import async_to_sync
 
 from billing.models import ApiKey, BudgetPeriod, Endpoint, Operation, UsageRecord, UsageStatus
-from billing.services.budgets import CounterRef, ledger_spend, period_bounds
+from billing.services.admission import admission_settle
+from billing.services.budgets import SETTLED_MEMORY, CounterRef, ledger_spend, period_bounds
 from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.inflight import held_remove
 from billing.services.keys import api_key_create, api_key_delete
-from billing.services.ledger import ledger_begin_shutdown, ledger_replay_spool
+from billing.services.ledger import UsageData, _spool_entries, ledger_begin_shutdown, ledger_replay_spool
 from billing.services.plans import plan_assign
 from billing.services.settlement import request_settle
 from providers.selectors import resolved_model
@@ -139,6 +140,35 @@ def test_a_spooled_row_of_a_key_deleted_since_is_replayed_on_the_key_above_it(tr
 
     row = UsageRecord.objects.get(request_id="req_cut")
     assert (row.cost, row.api_key_id) == (CUT_COST, tree["parent"].pk)
+    counts_against(tree["parent"], CUT_COST)
+
+
+def test_the_reconcile_counts_a_settled_row_waiting_in_the_spool_on_the_heir(tree, spool, clock):
+    """The writer settled a request on the child and the database refused its batch: its row waits in the spool, the
+    child is deleted, and the settle is forgotten (``SETTLED_MEMORY``). The reconcile reads the spool's row as the
+    parent's, as the replay will write it: the parent's counter keeps the cost (0 before, and the parent could spend
+    it again until the replay). The replay then writes it on the parent, and the counter stays."""
+    admission = async_to_sync(flat_admitted)(tree, "req_settled", 50, api_key=tree["child"])
+    async_to_sync(admission_settle)(admission=admission, cost=CUT_COST, prompt_tokens=0, completion_tokens=10, ok=True)
+    held_remove("req_settled")
+    row = UsageData(
+        request_id="req_settled",
+        endpoint=Endpoint.REST,
+        stream=True,
+        status=UsageStatus.OK,
+        user_id=tree["user"].pk,
+        api_key_id=tree["child"].pk,
+        completion_tokens=10,
+        cost=CUT_COST,
+    )
+    _spool_entries([(row, admission)])  # as the writer spools a batch the database refused
+    api_key_delete(api_key=tree["child"])
+    clock.shift(SETTLED_MEMORY + timedelta(minutes=1))
+
+    budget_counters_reconcile()
+    assert counter_state(monthly(tree["parent"])) == (CUT_COST, Decimal(0))
+    assert ledger_replay_spool() == 1
+    assert UsageRecord.objects.get(request_id="req_settled").api_key_id == tree["parent"].pk
     counts_against(tree["parent"], CUT_COST)
 
 
