@@ -824,7 +824,7 @@ class TextCompletionShape:
                 raise MalformedReply(f"a text of type {type(text).__name__}")
             if "logprobs" not in choice:
                 choice["logprobs"], valid = None, False
-            elif whole and type(choice["logprobs"]) is dict and _text_logprobs_mended(choice["logprobs"]):
+            elif type(choice["logprobs"]) is dict and _text_logprobs_mended(choice["logprobs"]):
                 valid = False
             reason = choice.get("finish_reason")
             if reason is None and whole:
