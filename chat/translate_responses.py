@@ -539,12 +539,13 @@ def tool_kinds(body: dict[str, Any]) -> dict[str, str]:
     return kinds
 
 
-def _tool_choice(value: Any) -> Any:
+def _tool_choice(value: Any, tools: Any) -> Any:
     if _named(value, TOOL_CHOICE_MODES):
         return value
     if isinstance(value, dict) and _named(value.get("type"), frozenset({"function", CUSTOM})):
         if not isinstance(value.get("name"), str) or not value["name"]:
             _fail("Missing required parameter: 'tool_choice.name'.", "tool_choice.name", "missing_required_parameter")
+        _chosen_tool_defined(value["type"], value["name"], tools)
         return {"type": "function", "function": {"name": value["name"]}}
     _fail(
         "Invalid value for 'tool_choice': expected 'none', 'auto', 'required', "
@@ -552,6 +553,28 @@ def _tool_choice(value: Any) -> Any:
         "tool_choice",
     )
     return None
+
+
+def _chosen_tool_defined(kind: str, name: str, tools: Any) -> None:
+    """A ``tool_choice`` of ``kind`` (``function`` or ``custom``) names a tool of that kind among ``tools`` (valid,
+    ``_tools``), as OpenAI checks it: a custom tool and a function both become functions upstream, so the chat
+    completion's own check would take one chosen as the other, and call a custom tool no tool has a function. Without
+    tools the caller refuses (or drops) the choice for that; the ``local_shell`` tool may be chosen as its function."""
+    kinds = {tool.get("name"): tool["type"] for tool in tools or () if tool["type"] in ("function", CUSTOM)}
+    if not tools or (kind == "function" and name == LOCAL_SHELL and any(t["type"] == LOCAL_SHELL for t in tools)):
+        return
+    if name not in kinds:
+        what = "function" if kind == "function" else "custom tool"
+        _fail(
+            f"Invalid value for 'tool_choice': no {what} named '{text_quoted(name)}' is among 'tools'.", "tool_choice"
+        )
+    if kinds[name] != kind:
+        what = "function" if kinds[name] == "function" else "custom tool"
+        _fail(
+            f"Invalid value for 'tool_choice': '{text_quoted(name)}' is a {what} among 'tools': choose it with "
+            f'{{"type": "{kinds[name]}", "name": {json.dumps(text_quoted(name))}}}.',
+            "tool_choice",
+        )
 
 
 def _allowed_functions(choice: dict[str, Any], tools: Any) -> set[str]:
@@ -803,7 +826,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         kept = {id(tool) for tool in chat["tools"]}
         given = [index for index, tool in enumerate(defined) if id(tool) in kept]
     elif choice is not None:
-        chat["tool_choice"] = _tool_choice(choice)
+        chat["tool_choice"] = _tool_choice(choice, body.get("tools"))
         if not chat.get("tools"):
             # Without tools, "none" and the default "auto" ask for nothing (the Responses API takes them; chat
             # completions refuse a tool_choice without tools); one that forces a call cannot be met.

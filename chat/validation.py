@@ -434,7 +434,7 @@ def _check_tools(body: dict[str, Any]) -> None:
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") not in ("function", "custom"):
-            _fail(f"Invalid value for 'tools[{index}].type': expected 'function'.", f"tools[{index}].type")
+            _fail(f"Invalid value for 'tools[{index}].type': expected 'function' or 'custom'.", f"tools[{index}].type")
         if tool["type"] == "function":
             if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
                 _fail(
@@ -492,18 +492,19 @@ def _check_tool_choice(body: dict[str, Any]) -> None:
             if not isinstance(choice.get("allowed_tools"), dict):
                 _fail("Invalid 'tool_choice.allowed_tools': expected an object.", "tool_choice")
         elif not isinstance(named, dict) or not isinstance(named.get("name"), str) or not named["name"]:
-            _fail(
-                'Invalid value for \'tool_choice\': expected {"type": "function", "function": {"name": ...}}.',
-                "tool_choice",
+            expected = _CHOICE_SHAPES.get(kind) or (
+                f"'none', 'auto', 'required', {_CHOICE_SHAPES['function']}, {_CHOICE_SHAPES['custom']} or "
+                '{"type": "allowed_tools", "allowed_tools": {...}}'
             )
+            _fail(f"Invalid value for 'tool_choice': expected {expected}.", "tool_choice")
     else:
         _fail("Invalid type for 'tool_choice': expected a string or an object.", "tool_choice", "invalid_type")
     if not body.get("tools"):
         _fail(
             "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.", "tool_choice"
         )
-    if isinstance(choice, dict) and kind in ("function", "custom") and named["name"] not in _tool_names(body, kind):
-        _fail(f"Invalid value for 'tool_choice': no {kind} named {named['name']!r} is among 'tools'.", "tool_choice")
+    if isinstance(choice, dict) and kind in ("function", "custom"):
+        _check_tool_named(body, kind, named["name"], "tool_choice")
     if isinstance(choice, dict) and kind == "allowed_tools":
         _check_allowed_tools(body, choice["allowed_tools"])
 
@@ -539,8 +540,30 @@ def _check_allowed_tools(body: dict[str, Any], allowed: dict[str, Any]) -> None:
                 f"{param}.{kind}.name",
                 "missing_required_parameter",
             )
-        if name not in _tool_names(body, kind):
-            _fail(f"Invalid value for '{param}': no {kind} named {name!r} is among 'tools'.", param)
+        _check_tool_named(body, kind, name, param)
+
+
+# How a tool choice (or an allowed tool) names a tool of each kind, as OpenAI's spec has it.
+_CHOICE_SHAPES = {
+    "function": '{"type": "function", "function": {"name": ...}}',
+    "custom": '{"type": "custom", "custom": {"name": ...}}',
+}
+_KIND_WORDS = {"function": "function", "custom": "custom tool"}
+
+
+def _check_tool_named(body: dict[str, Any], kind: str, name: str, param: str) -> None:
+    """``param`` names a tool of ``kind`` among ``tools``; one of the other kind of that name is named to the client
+    with the choice that takes it, as a custom tool chosen as a function (or the reverse) is the likelier mistake."""
+    if name in _tool_names(body, kind):
+        return
+    other = "custom" if kind == "function" else "function"
+    if name in _tool_names(body, other):
+        chosen = json.dumps({"type": other, other: {"name": name}})
+        _fail(
+            f"Invalid value for '{param}': {name!r} is a {_KIND_WORDS[other]} among 'tools': choose it with {chosen}.",
+            param,
+        )
+    _fail(f"Invalid value for '{param}': no {_KIND_WORDS[kind]} named {name!r} is among 'tools'.", param)
 
 
 def _tool_names(body: dict[str, Any], kind: str) -> set[str]:
