@@ -1076,6 +1076,17 @@ def _call_item(kind: str | None, call_id: str, name: str, arguments: str, status
     return _call_filled(item, arguments)
 
 
+# The arguments of a call of a function of no parameters that the model (its server: some send none) gave none.
+_NO_ARGUMENTS = "{}"
+
+
+def _arguments_given(kind: str | None, arguments: str) -> str:
+    """A function's call's ``arguments`` as its client parses them: JSON, ``{}`` for none (OpenAI's are never
+    empty: an empty string failed a client's ``json.loads``, Codex's parse). A custom or the local shell tool's
+    (``kind``) are read as they came (``_call_filled``)."""
+    return _NO_ARGUMENTS if kind is None and not arguments else arguments
+
+
 def _call_filled(item: dict[str, Any], arguments: str) -> dict[str, Any]:
     if item["type"] == "custom_tool_call":
         item["input"] = _custom_input(arguments)
@@ -1151,7 +1162,8 @@ def response_from_completion(
         function = call.get("function") or {}
         name = function.get("name") or ""
         call_id = call.get("id") or _item_id("call")
-        response["output"].append(_call_item(kinds.get(name), call_id, name, function.get("arguments") or "", status))
+        arguments = _arguments_given(kinds.get(name), function.get("arguments") or "")
+        response["output"].append(_call_item(kinds.get(name), call_id, name, arguments, status))
     _tier_served(response, completion)
     return _finished(response, choices[0].get("finish_reason"), completion.get("usage"))
 
@@ -1257,6 +1269,11 @@ class ResponseEvents:
         events: list[dict[str, Any]] = []
         for item in self._open_calls.values():
             where = {"item_id": item["id"], "output_index": self._positions[item["id"]]}
+            if item["type"] == "function_call" and not item["arguments"]:
+                # None came: ``{}`` streamed as its one piece, so that the pieces add up to the done event's.
+                given = _arguments_given(None, "")
+                events.append(self._event("response.function_call_arguments.delta", **where, delta=given))
+                self._arguments[item["id"]] = item["arguments"] = given
             _call_filled(item, self._arguments[item["id"]])
             if item["type"] == "function_call":
                 events.append(
