@@ -189,8 +189,9 @@ Replies
     test can send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker);
     ``[[raw_encoding=gzip]]`` beside it (or beside ``[[raw_cohere=...]]``) says the body is so encoded
     (``Content-Encoding``), whatever it holds.
-    ``[[stream=ignored]]`` (OpenAI's chat completions) answers a stream request as if ``stream`` were false: the
-    whole reply (or the raw bytes) as ``application/json``, as vLLM, Ollama and proxy set-ups that ignore it do.
+    ``[[stream=ignored]]`` (OpenAI's chat completions and text completions) answers a stream request as if
+    ``stream`` were false: the whole reply (or the raw bytes) as ``application/json``, as vLLM, Ollama and proxy
+    set-ups that ignore it do.
     ``[[raw_anthropic=BASE64]]``, ``[[raw_gemini=BASE64]]`` and ``[[raw_cohere=BASE64]]`` do the same on
     Anthropic's Messages, Gemini's generateContent and Cohere's chat (markers of their own, so that a request
     falling over from an OpenAI deployment to another protocol's is answered there as usual).
@@ -2703,7 +2704,7 @@ class _App:
         )
         timing = self._timing(conv.directives)
         await self._pause(timing.latency)
-        stream = body.get("stream") is True
+        stream = body.get("stream") is True and conv.directives.get("stream") != "ignored"
         fault = self._fault_name(request, conv.directives, body.get("model"))
         if fault is not None:
             early = await self._immediate_fault(request, "openai", fault, conv.prompt_tokens, stream)

@@ -61,6 +61,7 @@ from .openai_shape import (
     embeddings_conform,
     json_constant,
     numbers_finite,
+    text_completion_chunks,
     text_parts_joined,
 )
 from .sse import ServerSentEvent, SSEParser, response_body
@@ -284,7 +285,7 @@ class OpenAIAdapter(BaseAdapter):
         opened: Callable[[], Awaitable[httpx2.Response]],
         read: Callable[[ServerSentEvent, _StreamState, Any], WireChunk | None],
         shape: Any,
-        whole: Callable[[Any], list[dict[str, Any]]] | None = None,
+        whole: Callable[[Any], list[dict[str, Any]]],
     ) -> AsyncIterator[WireChunk]:
         """The chunks of the event stream ``opened`` answers (it runs at the first ``anext``, as the request's
         whole work did when each stream read its own), each ``read`` from its event (chat completions'
@@ -292,14 +293,14 @@ class OpenAIAdapter(BaseAdapter):
         failure after the first chunk, or a body that ends before every choice finished, is
         ``ProviderStreamInterruptedError``; malformed (``ProviderMalformedStreamError``) when it broke on a chunk
         that is no chunk of the protocol, a body not the encoding it declared, or held no chunk at all. A body that is
-        one JSON document (a server that ignored ``stream``) is the chunks ``whole`` makes of it, where there is one
-        (chat completions); without one it holds no chunk."""
+        one JSON document (a server that ignored ``stream``) is the chunks ``whole`` makes of it (chat completions' and
+        text completions' alike)."""
         try:
             async with upstream_deadline(self.config):
                 upstream = await opened()
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        if whole is not None and _is_json(upstream):
+        if _is_json(upstream):
             # A server that ignores `stream: true` (vLLM, Ollama and proxies in front of them can) answers the
             # whole completion: relayed as the stream it would have been, rather than taken for no stream at all.
             try:
@@ -423,6 +424,12 @@ class OpenAIAdapter(BaseAdapter):
             completion, _constants = _decoded(raw.content)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
+        return self._text_completion_read(completion, body)
+
+    def _text_completion_read(self, completion: Any, body: dict[str, Any]) -> dict[str, Any]:
+        """A whole reply's decoded JSON as the text completion it answers to ``body``, filled in where
+        ``CreateCompletionResponse`` requires what it left out; ``ProviderError`` for an error it reports, malformed
+        for anything else that is no text completion."""
         if isinstance(completion, dict) and completion.get("error"):
             message = self._upstream_message(completion["error"]) or "no details given"
             raise ProviderError(
@@ -451,7 +458,12 @@ class OpenAIAdapter(BaseAdapter):
             response = await self._client.completions.create(**args, stream=True, extra_headers=_RAW_STREAM)
             return response.http_response
 
-        return self._relayed(opened, self._text_chunk, TextCompletionShape(str(body.get("model") or "")))
+        return self._relayed(
+            opened,
+            self._text_chunk,
+            TextCompletionShape(str(body.get("model") or "")),
+            whole=lambda completion: text_completion_chunks(self._text_completion_read(completion, body)),
+        )
 
     def _text_chunk(self, event: ServerSentEvent, state: _StreamState, shape: TextCompletionShape) -> WireChunk | None:
         if state.done:

@@ -773,6 +773,21 @@ def _text_logprobs_mended(logprobs: dict[str, Any]) -> bool:
     return bool(nulls)
 
 
+def text_completion_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole text completion, conformed (``TextCompletionShape.conform`` with ``whole``), as the stream that would
+    have carried it: for a server that answered one to a request for a stream (vLLM, Ollama and proxies that ignore
+    ``stream``), as ``completion_chunks`` does a chat completion. A chunk per choice (its text, logprobs and finish:
+    a text completion's chunks are its own shape); then, when the reply counted its tokens, a chunk of its usage with
+    no choices, as OpenAI ends a stream that asked for it."""
+    head = {name: completion[name] for name in ("id", "object", "created", "model")}
+    if "system_fingerprint" in completion:
+        head["system_fingerprint"] = completion["system_fingerprint"]
+    chunks = [{**head, "choices": [choice]} for choice in completion["choices"]]
+    if completion.get("usage") is not None:
+        chunks.append({**head, "choices": [], "usage": completion["usage"]})
+    return chunks
+
+
 class TextCompletionShape:
     """``CreateCompletionResponse`` (``/v1/completions``), whose stream chunks are the same object: what one reply or
     one stream needs to fill in what the schema requires and an upstream left out (``id``, ``created`` and ``model``,

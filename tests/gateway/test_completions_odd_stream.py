@@ -140,7 +140,12 @@ def schema_valid(data: dict[str, Any]) -> None:
 
 
 def streamed(gateway, upstream: bytes, **extra: Any) -> tuple[httpx.Response, list[Any], bool]:
-    body = {"model": "gpt-test", "prompt": "hi " + raw_directive(upstream), "stream": True, **extra}
+    return streamed_body(gateway, {"model": "gpt-test", "prompt": "hi " + raw_directive(upstream), **extra})
+
+
+def streamed_body(gateway, body: dict[str, Any]) -> tuple[httpx.Response, list[Any], bool]:
+    """The stream ``body`` asks for: the response, its chunks (read strictly), whether it ended with ``[DONE]``."""
+    body = {**body, "stream": True}
     with httpx.stream(
         "POST",
         gateway.url + "/v1/completions",
@@ -195,3 +200,48 @@ def test_the_openai_sdk_reads_each_odd_stream(gateway, case):
     assert all(item.index == 0 for item in texts)
     assert {data.object for data in chunks} == {"text_completion"} and {data.model for data in chunks} == {"gpt-test"}
     assert chunks[-1].usage.total_tokens > 0
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_server_that_ignores_stream_is_relayed_as_the_stream_it_would_have_been(gateway, n):
+    """vLLM, Ollama and proxies in front of them can answer ``stream: true`` with the whole completion as JSON (the
+    fake upstream's ``[[stream=ignored]]``). Before, that was a stream with no chunk: malformed, a 502 after one
+    attempt. It is each choice's chunk (its text, logprobs and finish), then the usage, then ``[DONE]``, as chat
+    completions relay it (``completion_chunks``)."""
+    prompt = "hi [[reply=one two three]] [[stream=ignored]]"
+    extra = {"stream_options": {"include_usage": True}, "n": n, "logprobs": 1}
+    response, chunks, done = streamed_body(gateway, {"model": "gpt-test", "prompt": prompt, **extra})
+    assert response.status_code == 200 and done, chunks
+    for data in chunks:
+        schema_valid(data)
+    choices = [item for data in chunks for item in data["choices"]]
+    for index in range(n):
+        mine = [item for item in choices if item["index"] == index]
+        assert "".join(item["text"] for item in mine) == "one two three"
+        assert [item["finish_reason"] for item in mine if item["finish_reason"]] == ["stop"]
+    assert all(item["logprobs"]["tokens"] for item in choices if item["text"])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3 * n
+    record = wait_for_record(response.headers["x-request-id"])
+    assert (record.status, record.completion_tokens, record.usage_estimated) == ("ok", 3 * n, False)
+
+    parsed = list(gateway.client().completions.create(model="gpt-test", prompt=prompt, stream=True, max_tokens=16, n=n))
+    for index in range(n):
+        assert "".join(item.text for data in parsed for item in data.choices if item.index == index) == "one two three"
+    assert not any(data.usage for data in parsed)  # not asked for
+
+
+def test_an_odd_whole_answer_to_a_stream_is_relayed_in_the_schema(gateway):
+    """A whole answer of the odd shapes ``test_completions_odd_upstream.py`` pins, sent to a stream request: filled in
+    as the whole reply is, then streamed."""
+    answer = {"object": "text_completion", "created": 1.5, "choices": [{"text": None, "finish_reason": None}]}
+    answer["choices"].append({"text": "one two", "index": 1, "logprobs": {"tokens": None}, "finish_reason": "eos"})
+    prompt = "hi " + raw_directive(json.dumps(answer).encode()) + " [[stream=ignored]]"
+    body = {"model": "gpt-test", "prompt": prompt, "stream_options": {"include_usage": True}}
+    response, chunks, done = streamed_body(gateway, body)
+    assert response.status_code == 200 and done, chunks
+    for data in chunks:
+        schema_valid(data)
+    assert len({(data["id"], data["created"]) for data in chunks}) == 1
+    assert [item["text"] for data in chunks for item in data["choices"]] == ["", "one two"]
+    assert chunks[-1]["usage"]  # the estimate charged: the upstream counted nothing
+    assert wait_for_record(response.headers["x-request-id"]).usage_estimated
