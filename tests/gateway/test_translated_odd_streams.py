@@ -16,6 +16,7 @@ import openai
 import pytest
 from anthropic.types import ErrorResponse
 
+from llmhub.testing.fake_upstream import raw_directive
 from tests.gateway.test_messages_api import EVENT, assert_anthropic_sequence, client
 from tests.gateway.test_messages_api import raw_events as message_events
 from tests.gateway.test_responses_api import assert_spec_sequence, validate_event
@@ -243,3 +244,117 @@ def test_a_call_given_no_arguments_is_one_of_an_empty_object_in_a_whole_response
     assert reply.status_code == 200, reply.text
     [item] = reply.json()["output"]
     assert (item["type"], item["name"], json.loads(item["arguments"])) == ("function_call", "get_weather", {})
+
+
+def anthropic_sse(*events: dict) -> bytes:
+    return b"".join(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events)
+
+
+def claude_stream(*middle: dict, end: bool = True) -> bytes:
+    """A Claude stream: ``message_start`` (its usage counting the prompt only), ``middle``, then (``end``) the
+    ``message_delta`` with the output's count and ``message_stop``."""
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_odd",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-fake",
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 1},
+        },
+    }
+    closing = [
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": 8},
+        },
+        {"type": "message_stop"},
+    ]
+    return anthropic_sse(start, *middle, *(closing if end else ()))
+
+
+def block(index: int, kind: str, *deltas: dict) -> list[dict]:
+    started = (
+        {"type": "text", "text": ""}
+        if kind == "text"
+        else {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    )
+    return [
+        {"type": "content_block_start", "index": index, "content_block": started},
+        *({"type": "content_block_delta", "index": index, "delta": delta} for delta in deltas),
+        {"type": "content_block_stop", "index": index},
+    ]
+
+
+def text_delta(text: str) -> dict:
+    return {"type": "text_delta", "text": text}
+
+
+def json_delta(piece: str) -> dict:
+    return {"type": "input_json_delta", "partial_json": piece}
+
+
+CLAUDE_ODD = claude_stream(
+    {"type": "ping"},
+    *block(0, "text", text_delta(""), text_delta("Let me "), text_delta(""), text_delta("look.")),
+    *block(1, "tool_use", *(json_delta(piece) for piece in SPLIT)),
+)
+CLAUDE_FAILED = claude_stream(
+    *block(0, "text", text_delta("Let me")),
+    {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    end=False,
+)
+
+
+def claude_prompt(raw: bytes) -> str:
+    return "Paris " + raw_directive(raw, marker="raw_anthropic")
+
+
+def claude_request(raw: bytes) -> dict:
+    """A /v1/messages request to ``claude-test``, answered with Claude's stream ``raw``."""
+    return {
+        **message_request(b""),
+        "model": "claude-test",
+        "messages": [{"role": "user", "content": claude_prompt(raw)}],
+    }
+
+
+def test_an_odd_claude_stream_is_anthropics_events_and_the_specs_response_events(gateway):
+    """Claude's own stream, odd (a ping, empty text deltas, a tool's input in ten pieces, the output counted only at
+    the end) through /v1/messages and /v1/responses. Read right before: kept as a guard."""
+    body = claude_request(CLAUDE_ODD)
+    reply, events = message_events(gateway, body)
+    assert reply.status_code == 200
+    assert_anthropic_sequence([json.loads(data) for _, data in events])
+    with client(gateway).messages.stream(**body) as stream:
+        message = stream.get_final_message()
+    assert blocks(message) == [("text", "Let me look."), ("tool_use", "get_weather", PARIS)]
+    assert message.stop_reason == "tool_use" and message.usage.output_tokens == 8
+
+    request = {**response_request(b""), "model": "claude-test", "input": claude_prompt(CLAUDE_ODD)}
+    reply, events = response_events(gateway, request)
+    assert_spec_sequence([event for _, event in events])
+    response = events[-1][1]["response"]
+    assert response["status"] == "completed" and response["usage"]["output_tokens"] == 8
+    assert [item["type"] for item in response["output"]] == ["message", "function_call"]
+    assert json.loads(response["output"][1]["arguments"]) == PARIS
+
+
+def test_a_claude_error_event_mid_stream_is_anthropics_error_event_and_response_failed(gateway):
+    """Claude's ``error`` event after its stream began: Anthropic's ``error`` event on /v1/messages (no
+    ``message_stop``), ``response.failed`` on /v1/responses. Read right before: kept as a guard."""
+    reply, events = message_events(gateway, claude_request(CLAUDE_FAILED))
+    names = [name for name, _ in events]
+    assert names[-1] == "error" and "message_stop" not in names, names
+    ErrorResponse.model_validate(json.loads(events[-1][1]), strict=True)
+    assert wait_for_record(reply.headers["x-request-id"]).status == "upstream_error"
+
+    reply, events = response_events(gateway, {"model": "claude-test", "input": claude_prompt(CLAUDE_FAILED)})
+    for _, event in events:
+        validate_event(event)
+    assert events[-1][1]["type"] == "response.failed"
+    assert wait_for_record(reply.headers["x-request-id"]).status == "upstream_error"
