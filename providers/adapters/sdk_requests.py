@@ -43,8 +43,9 @@ from openai._utils._json import openapi_dumps as _openai_dumps
 # The templates a client keeps: one per (method, path, extra headers, retry count) of the calls it makes,
 # which are a handful. Past it, calls are built by the SDK (a client called in ways nobody foresaw).
 _TEMPLATES_MAX = 32
-# The headers each request has of its own, left out of a template.
-_OWN_HEADERS = (b"content-length", b"cookie")
+# The headers each request has of its own, left out of a template and added last to each request built from it (the
+# aiohttp transport decodes the others once per client: ``aiohttp_client.GuardedAiohttpTransport._aiohttp_headers``).
+REQUEST_OWN_HEADERS = (b"content-length", b"cookie")
 # The options' idempotency key of a client that sends none (``TemplatedRequests._idempotency_key``).
 _IDEMPOTENCY_KEY_UNSENT = "stainless-python-retry-unsent"
 
@@ -156,7 +157,7 @@ class TemplatedRequests:
         if built.url.query:
             return None
         raw = built.headers.raw
-        headers = httpx2.Headers([(name, value) for name, value in raw if name.lower() not in _OWN_HEADERS])
+        headers = httpx2.Headers([(name, value) for name, value in raw if name.lower() not in REQUEST_OWN_HEADERS])
         # Request() copies a Headers object as it is (no normalising again), and so it keeps the template's.
         return httpx2.Request(built.method, built.url, headers=headers, extensions=built.extensions, stream=_NO_BODY)
 

@@ -225,3 +225,51 @@ async def test_aiohttp_keeps_one_read_timer_through_a_stream_and_still_times_out
     finally:
         await adapter.aclose()
     assert "in time" in caught.value.message
+
+
+async def test_aiohttp_sends_each_request_the_headers_httpx_sends(settings, fake_upstream):
+    """The aiohttp transport decodes a client's shared headers once (``GuardedAiohttpTransport._aiohttp_headers``):
+    each request still goes out with its own length and the headers its call adds (the raw stream's), the provider's
+    extra header among the shared ones, as through httpx2's own pool."""
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
+    calls = [
+        ("complete", "hi"),
+        ("stream", "a longer question, so that the body's length differs"),
+        ("complete", "a third, longer again than the two before it"),
+        ("stream", "?"),
+    ]
+    received = {}
+    for extra in ((), (("X-Team", "growth"),)):
+        for client in CLIENTS:
+            settings.LLMHUB_PROVIDER_HTTP_CLIENT = client
+            fake_upstream.reset()
+            adapter = OpenAIAdapter(
+                ProviderConfig(
+                    id=1,
+                    name="client-test",
+                    kind="openai_compatible",
+                    base_url=fake_upstream.base_url + "/v1",
+                    api_key=Secret("sk-x"),
+                    extra_headers=extra,
+                )
+            )
+            try:
+                for method, content in calls:
+                    body = {**BODY, "messages": [{"role": "user", "content": content}]}
+                    if method == "complete":
+                        assert (await adapter.complete(body))["choices"]
+                    else:
+                        assert [chunk async for chunk in adapter.stream({**body, "stream": True})]
+            finally:
+                await adapter.aclose()
+            transport_only = {"host", "accept-encoding", "connection"}
+            received[extra, client] = [
+                ({name: value for name, value in entry["headers"].items() if name not in transport_only}, entry["body"])
+                for entry in fake_upstream.requests
+            ]
+        assert len(received[extra, "aiohttp"]) == len(calls)
+        assert received[extra, "aiohttp"] == received[extra, "httpx"]
+        lengths = {headers["content-length"] for headers, _ in received[extra, "aiohttp"]}
+        assert len(lengths) == len(calls)
+        raw_stream = [headers.get("x-stainless-raw-response") for headers, _ in received[extra, "aiohttp"]]
+        assert raw_stream == [None, "stream", None, "stream"]
