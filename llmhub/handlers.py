@@ -40,6 +40,7 @@ Everything else (pages, admin, /api/) keeps the full Django stack.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import re
@@ -282,12 +283,19 @@ async def _read_body_bounded(scope: dict[str, Any] | None, receive: Any) -> Any:
     ``FullStackASGIHandler.create_request``): the 413 (on /v1 with its ledger row; 400 on the full stack) goes out
     while the client is still sending, and the rest is discarded by ``_disconnect``."""
     limit = _body_limit(scope)
-    body_file = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b")
     if limit is not None and scope is not None and _announced_length(scope) > limit:
-        return body_file
+        return io.BytesIO()
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise RequestAborted()
+    chunk = message.get("body") or b""
+    if not message.get("more_body", False) and len(chunk) <= settings.FILE_UPLOAD_MAX_MEMORY_SIZE:
+        # The whole body in one message, as a client's request nearly always comes: what the spooled file would
+        # have held in memory (a ``BytesIO`` of its own), without the file's making (1.5 µs of CPU a request).
+        return io.BytesIO(chunk)
+    body_file = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b")
     size = 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             body_file.close()
             raise RequestAborted()
@@ -296,6 +304,7 @@ async def _read_body_bounded(scope: dict[str, Any] | None, receive: Any) -> Any:
             size += len(chunk)
         if not message.get("more_body", False) or (limit is not None and size > limit):
             break
+        message = await receive()
     body_file.seek(0)
     return body_file
 
