@@ -185,6 +185,17 @@ def _price_field(label: str, **kwargs: object) -> models.DecimalField:
     return models.DecimalField(label, max_digits=12, decimal_places=6, validators=[MinValueValidator(0)], **kwargs)
 
 
+# A window or a reply of 0 tokens holds nothing: every reader took a 0 for "not known" (the token estimator, admission,
+# the output limit check) but the chat page, which sent no history for a window of 0, and /v1/models, which said
+# max_input_tokens 0. Refused where it is typed, saying what to write instead.
+CONTEXT_AT_LEAST_ONE = MinValueValidator(
+    1, message="A context window of 0 tokens holds no prompt: give the model's context length in tokens."
+)
+OUTPUT_AT_LEAST_ONE = MinValueValidator(
+    1, message="0 would be a model that writes nothing: leave it empty when the most it writes is not known."
+)
+
+
 class CatalogModel(models.Model):
     """A public model: the name clients send, what it can do, and how a request for it is routed among its
     ``Deployment``s. An alias (``alias_of``) is a second public name for another model and has none of its
@@ -208,8 +219,17 @@ class CatalogModel(models.Model):
         help_text="What the model does: chat models answer /v1/chat/completions and /v1/messages and appear "
         "in the chat picker; embedding models answer /v1/embeddings only.",
     )
-    context_window = models.PositiveIntegerField(default=128_000)
-    max_output_tokens = models.PositiveIntegerField(null=True, blank=True)
+    context_window = models.PositiveIntegerField(
+        default=128_000,
+        validators=[CONTEXT_AT_LEAST_ONE],
+        help_text="The most tokens a request's prompt and reply may hold together.",
+    )
+    max_output_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[OUTPUT_AT_LEAST_ONE],
+        help_text="The most tokens the model writes in one reply. Empty: not known.",
+    )
     supports_streaming = models.BooleanField(default=True)
     supports_tools = models.BooleanField(default=True)
     supports_vision = models.BooleanField(default=False)
@@ -432,7 +452,11 @@ class Deployment(models.Model):
         help_text="Every token price is multiplied by this for a request the provider served at OpenAI's Flex "
         "processing (its reply's service_tier: flex; e.g. 0.5). Empty: flex costs the standard prices.",
     )
-    weight = models.PositiveIntegerField(default=1, help_text="Share of traffic under the weighted strategy.")
+    weight = models.PositiveIntegerField(
+        default=1,
+        help_text="Share of traffic under the weighted strategy; 0: a standby, tried after every deployment with "
+        "a weight.",
+    )
     priority = models.PositiveSmallIntegerField(default=0, help_text="Lower first, under the priority strategy.")
     rpm_limit = models.PositiveIntegerField(
         null=True,

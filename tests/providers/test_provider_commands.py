@@ -606,6 +606,17 @@ def test_a_deployment_the_file_no_longer_lists_is_removed_and_others_are_kept(ro
         # A cap of 0 would send the deployment nothing: refused, saying how to mean "no cap" or "no traffic".
         ("rpm_limit: 600", "rpm_limit: 0", "rpm_limit: 0 would send this deployment nothing"),
         ("tpm_limit: 90000", "tpm_limit: 0", "tpm_limit: 0 would send this deployment nothing"),
+        # A window or a reply of 0 tokens holds nothing: refused, saying what to write instead.
+        (
+            "    retries: 2\n",
+            "    retries: 2\n    context_window: 0\n",
+            "model gpt-4o-mini: context_window: A context window of 0",
+        ),
+        (
+            "    retries: 2\n",
+            "    retries: 2\n    max_output_tokens: 0\n",
+            "model gpt-4o-mini: max_output_tokens: 0 would be a model that writes nothing",
+        ),
         (
             "provider: west, upstream: gpt-4o-long",
             "provider: north, upstream: gpt-4o-long",
