@@ -6,6 +6,7 @@ Counters, alerts and rollups are derived from the ledger: they are read-only her
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
@@ -34,8 +35,41 @@ class _ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+# What a limit of 0 does, said where it is typed: each is a deliberate "none" (a plan that admits nothing until raised),
+# which admission answers with a 429 that says so and that the SDKs do not retry, not an "unlimited".
+_ZERO_HELP = {
+    "daily_token_quota": "Tokens a day, prompts and replies. 0: no request is admitted.",
+    "monthly_budget_usd": "0: only models that cost nothing.",
+    "rpm": "0: no request is admitted.",
+    "tpm": "Prompt and reply tokens a minute. 0: no request is admitted.",
+}
+
+
+class PlanForm(forms.ModelForm):
+    class Meta:
+        model = Plan
+        fields = (
+            "name",
+            "description",
+            "allow_all_models",
+            "allowed_models",
+            "max_output_price_per_mtok",
+            *_ZERO_HELP,
+            "moderation_policy",
+        )
+        help_texts = {name: f"Empty: unlimited. {text}" for name, text in _ZERO_HELP.items()}
+
+
+class UserPlanForm(forms.ModelForm):
+    class Meta:
+        model = UserPlan
+        fields = ("user", "plan", *_ZERO_HELP)
+        help_texts = {name: f"Empty: as the plan says. {text}" for name, text in _ZERO_HELP.items()}
+
+
 @admin.register(Plan)
 class PlanAdmin(admin.ModelAdmin):
+    form = PlanForm
     list_display = (
         "name",
         "allow_all_models",
@@ -51,7 +85,7 @@ class PlanAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "description")}),
         ("Models", {"fields": ("allow_all_models", "allowed_models", "max_output_price_per_mtok")}),
-        ("Limits (empty: unlimited)", {"fields": ("daily_token_quota", "monthly_budget_usd", "rpm", "tpm")}),
+        ("Limits (empty: unlimited; 0: none)", {"fields": ("daily_token_quota", "monthly_budget_usd", "rpm", "tpm")}),
         ("Moderation", {"fields": ("moderation_policy",)}),
     )
 
@@ -65,6 +99,7 @@ class PlanAdmin(admin.ModelAdmin):
 
 @admin.register(UserPlan)
 class UserPlanAdmin(UserSearch, admin.ModelAdmin):
+    form = UserPlanForm
     list_display = ("user", "plan", "daily_token_quota", "monthly_budget_usd", "rpm", "tpm", "updated_at")
     list_filter = ("plan",)
     list_select_related = ("user", "plan")
@@ -74,7 +109,7 @@ class UserPlanAdmin(UserSearch, admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("user", "plan")}),
         (
-            "The user's own limits (empty: as the plan says)",
+            "The user's own limits (empty: as the plan says; 0: none, whatever the plan says)",
             {"fields": ("daily_token_quota", "monthly_budget_usd", "rpm", "tpm")},
         ),
     )
