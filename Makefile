@@ -49,7 +49,7 @@ run: $(STAMP)
 # work (the calendar there is Python's; the rollups, dashboards and in-flight sweeps, whose SQL truncates or
 # compares dates, keep all four), and the tests of tests/billing that touch no database. It ran 1,185 tests,
 # now 749. `$(PY) -m pytest`, not `pytest`: the plugin is imported from the repository's root.
-POSTGRES_TESTS := tests/billing tests/test_database_flush.py tests/experiments/test_results.py tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py tests/gateway/test_spool_recovery.py tests/providers/test_catalog_migration.py tests/chat/test_feedback_api.py tests/test_admin_nul_query.py tests/test_admin_json_nul.py tests/experiments/test_experiments_admin_nul.py tests/test_api_nul_query.py
+POSTGRES_TESTS := tests/billing tests/test_database_flush.py tests/experiments/test_results.py tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py tests/gateway/test_spool_recovery.py tests/providers/test_catalog_migration.py tests/chat/test_feedback_api.py tests/test_admin_nul_query.py tests/test_admin_json_nul.py tests/experiments/test_experiments_admin_nul.py tests/test_api_nul_query.py tests/test_admin_changelist_params.py
 # The SQLite phase runs on four pytest-xdist workers on this 2-core machine: a test spends much of its time
 # waiting on the servers, upstreams and browsers it starts, so two workers kept 1.1 cores busy (14.5
 # minutes) and four keep 1.7 (10 minutes); serial, the suite took about 31 minutes. The PostgreSQL phase

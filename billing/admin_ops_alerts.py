@@ -9,6 +9,7 @@ from django.contrib import admin
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 
+from core.admin_dates import DateHierarchyBounded
 from core.outbox import deliveries_send_again, send_again_report
 from providers.fields import Secret
 from providers.models import CatalogModel
@@ -180,7 +181,7 @@ class OpenFilter(admin.SimpleListFilter):
 
 
 @admin.register(OpsAlertIncident)
-class OpsAlertIncidentAdmin(admin.ModelAdmin):
+class OpsAlertIncidentAdmin(DateHierarchyBounded, admin.ModelAdmin):
     """Opened and cleared by the evaluator only: an admin reads them (and may delete old ones)."""
 
     list_display = ["rule", "subject", "opened_at", "cleared_at", "value_at_open", "peak", "delivered", "delivery"]

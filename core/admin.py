@@ -25,6 +25,8 @@ from django.http import HttpRequest
 from django_celery_beat import admin as beat_admin
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 
+from .admin_dates import DateHierarchyBounded
+
 CRONTAB_FIELDS = ("minute", "hour", "day_of_week", "day_of_month", "month_of_year")
 
 
@@ -52,7 +54,7 @@ admin.site.unregister(PeriodicTask)
 
 
 @admin.register(PeriodicTask)
-class PeriodicTaskAdmin(beat_admin.PeriodicTaskAdmin):
+class PeriodicTaskAdmin(DateHierarchyBounded, beat_admin.PeriodicTaskAdmin):
     form = PeriodicTaskForm
     enable_tasks = _changing("enable_tasks")
     disable_tasks = _changing("disable_tasks")

@@ -7,6 +7,7 @@ from django.contrib import admin
 from django.db.models import F, QuerySet
 from django.http import HttpRequest
 
+from core.admin_dates import DateHierarchyBounded
 from core.outbox import deliveries_send_again, send_again_report
 
 from .models import Incident
@@ -29,7 +30,7 @@ class IncidentStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(Incident)
-class IncidentAdmin(admin.ModelAdmin):
+class IncidentAdmin(DateHierarchyBounded, admin.ModelAdmin):
     list_display = ("deployment_name", "model_name", "provider_name", "started_at", "ended_at", "duration", "reason")
     list_select_related = ("deployment__model", "deployment__provider")
     list_filter = (IncidentStateFilter, "deployment__model__name", "deployment__provider__name")
