@@ -196,6 +196,16 @@ OUTPUT_AT_LEAST_ONE = MinValueValidator(
 )
 
 
+# A tier's price factor of 0 charged the tokens of every request served at that tier nothing, whatever the deployment's
+# prices (billing.pricing.tier_factor: no cost in the ledger, no budget spent), where OpenAI bills priority about twice
+# the standard prices and flex half of them. A free deployment says so with its prices; an empty factor is "the
+# standard prices".
+FACTOR_ABOVE_ZERO = MinValueValidator(
+    Decimal("0.0001"),
+    message="0 would charge this tier nothing: leave it empty to charge it the standard prices.",
+)
+
+
 class CatalogModel(models.Model):
     """A public model: the name clients send, what it can do, and how a request for it is routed among its
     ``Deployment``s. An alias (``alias_of``) is a second public name for another model and has none of its
@@ -438,7 +448,7 @@ class Deployment(models.Model):
         decimal_places=4,
         null=True,
         blank=True,
-        validators=[MinValueValidator(0)],
+        validators=[FACTOR_ABOVE_ZERO],
         help_text="Every token price is multiplied by this for a request the provider served at OpenAI's Priority "
         "processing (its reply's service_tier: priority; e.g. 2). Empty: priority costs the standard prices.",
     )
@@ -448,7 +458,7 @@ class Deployment(models.Model):
         decimal_places=4,
         null=True,
         blank=True,
-        validators=[MinValueValidator(0)],
+        validators=[FACTOR_ABOVE_ZERO],
         help_text="Every token price is multiplied by this for a request the provider served at OpenAI's Flex "
         "processing (its reply's service_tier: flex; e.g. 0.5). Empty: flex costs the standard prices.",
     )

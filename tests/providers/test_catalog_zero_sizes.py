@@ -59,3 +59,23 @@ def test_the_zeros_that_mean_something_are_saved(admin_client):
     model.refresh_from_db()
     assert (model.max_output_tokens, model.retries) == (None, 0)
     assert Deployment.objects.values_list("weight", "priority").get(pk=deployment.pk) == (0, 0)
+
+
+@pytest.mark.parametrize("field", ["priority_price_factor", "flex_price_factor"])
+def test_a_tier_price_factor_of_zero_is_the_fields_error(admin_client, field):
+    """A factor of 0 charged the tokens of every request served at that tier nothing (``billing.pricing.tier_factor``),
+    whatever the deployment's prices; empty is "the standard prices", a free deployment has prices of 0."""
+    model = ModelFactory(name="mini")
+    deployment = model.deployments.get()
+    prefix = "deployments-0-"
+
+    refused = change(admin_client, model, **{prefix + field: "0"})
+
+    assert refused.status_code == 200
+    [inline] = refused.context["inline_admin_formsets"]
+    assert list(inline.formset.errors[0]) == [field]
+    assert "0 would charge this tier nothing" in refused.content.decode()
+    assert getattr(Deployment.objects.get(pk=deployment.pk), field) is None
+
+    assert change(admin_client, model, **{prefix + field: "0.5"}).status_code == 302
+    assert str(getattr(Deployment.objects.get(pk=deployment.pk), field)) == "0.5000"

@@ -618,6 +618,11 @@ def test_a_deployment_the_file_no_longer_lists_is_removed_and_others_are_kept(ro
             "model gpt-4o-mini: max_output_tokens: 0 would be a model that writes nothing",
         ),
         (
+            "rpm_limit: 600,",
+            'rpm_limit: 600, priority_price_factor: "0",',
+            "priority_price_factor: 0 would charge this tier nothing",
+        ),
+        (
             "provider: west, upstream: gpt-4o-long",
             "provider: north, upstream: gpt-4o-long",
             "provider north is in neither the file nor the catalog",
