@@ -67,6 +67,14 @@ class ApiKeyChangeForm(forms.ModelForm):
         model = ApiKey
         fields = ("name", "expires_at", "allowed_models", "scopes", "budget_usd", "budget_period", "rpm", "tpm")
 
+    # As api_key_create (and the API) require, on the add page and the change page alike: a limit of 0 would be a key
+    # that can make no request (revoke it instead).
+    def clean_rpm(self) -> Any:
+        return _at_least_one(self.cleaned_data.get("rpm"))
+
+    def clean_tpm(self) -> Any:
+        return _at_least_one(self.cleaned_data.get("tpm"))
+
     def clean(self) -> dict[str, Any]:
         """A key created by another key never has more than its parent (``api_key_within_parent_check``, as
         when it was created): what a request may do is bounded by every key above it anyway, but the change
@@ -112,13 +120,6 @@ class ApiKeyAddForm(ApiKeyChangeForm):
         if expires_at is not None and expires_at <= timezone.now():
             raise forms.ValidationError("Give a moment in the future, or leave empty for a key that never expires.")
         return expires_at
-
-    # As api_key_create (and the API) require: a limit of 0 would be a key that can make no request.
-    def clean_rpm(self) -> Any:
-        return _at_least_one(self.cleaned_data.get("rpm"))
-
-    def clean_tpm(self) -> Any:
-        return _at_least_one(self.cleaned_data.get("tpm"))
 
 
 def _at_least_one(value: int | None) -> int | None:

@@ -14,6 +14,7 @@ from django.test import Client
 from django.urls import reverse
 
 from billing.models import Plan, UsageRecord
+from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.models import Provider
 from tests.factories import ModelFactory
@@ -86,3 +87,23 @@ def test_the_admin_says_what_a_limit_of_zero_does(admin_user, page, legend, empt
     assert f"{empty} Tokens a day, prompts and replies. 0: no request is admitted." in html
     assert f"{empty} 0: only models that cost nothing." in html
     assert html.count("0: no request is admitted.") == 3
+
+
+@pytest.mark.parametrize("limit", ["rpm", "tpm"])
+def test_a_keys_change_page_refuses_a_rate_limit_of_zero_as_its_add_page_does(admin_user, limit):
+    """A key's own rate limit of 0 would be a key that can make no request: the add page, the API and the key
+    service refused it, and until 7 December the change page saved it."""
+    client = Client()
+    client.force_login(admin_user)
+    api_key = api_key_create(user=admin_user, name="app", rpm=60, tpm=10_000).api_key
+    url = reverse("admin:billing_apikey_change", args=[api_key.pk])
+    form = {"name": "app", "budget_period": "monthly", "rpm": "60", "tpm": "10000"}
+
+    response = client.post(url, {**form, limit: "0"})
+
+    assert response.status_code == 200
+    assert list(response.context["adminform"].form.errors) == [limit]
+    assert "A rate limit must be at least 1" in response.content.decode()
+    api_key.refresh_from_db()
+    assert (api_key.rpm, api_key.tpm) == (60, 10_000)
+    assert client.post(url, {**form, limit: "1"}).status_code == 302
