@@ -130,6 +130,10 @@ async def sign_in(page: Page, site: LiveServer | CuttableRelay) -> None:
 
 
 async def send(page: Page, text: str) -> None:
+    """Type ``text`` and press Enter, once the page's socket is open, as a user does: until then its send button is
+    disabled and Enter only says "Not connected" (after a reload or ``goto`` the socket opens a moment after the
+    page, 400 ms later when the tab's client id must first be checked: chat.js's claimClientId)."""
+    await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
     await page.locator("#prompt").fill(text)
     await page.locator("#prompt").press("Enter")
 
